@@ -1,0 +1,387 @@
+//! The command line: clap commands over the engine; prints engine events as progress bars (on a
+//! terminal) or log lines (otherwise).
+
+mod output;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::checkpoint::load_backbone_with;
+use crate::data::{ImageList, Preprocess, decode_rgb};
+use crate::device::{self, DeviceChoice};
+use crate::engine::{self, default_run::DefaultRun};
+use crate::eval::{attention, embed, images_tensor};
+use crate::model::VitConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "explora",
+    version,
+    about = "Adapt pre-trained Vision Transformers (DINOv2, MAE) to a new image domain with ExPLoRA, on any Vulkan, Metal or DX12 GPU",
+    long_about = "Adapt pre-trained Vision Transformers (DINOv2, MAE) to a new image domain with ExPLoRA, on any \
+Vulkan, Metal or DX12 GPU.\n\nWith no command, explora runs its built-in default: a procedurally generated \
+satellite-like domain and a tiny backbone (headless; the desktop app is not built yet).",
+    after_help = "Checkpoints: Meta DINOv2 torch-hub .pth, Hugging Face Dinov2Model safetensors (with config.json beside it), \
+MAE .pth and explora's own safetensors; the layout and architecture are detected."
+)]
+pub struct Cli {
+    /// Run headless (the desktop app is not built yet, so this is always the case for now).
+    #[arg(long, global = true)]
+    pub no_gui: bool,
+
+    /// GPU adapter: auto, cpu (software Vulkan), discrete[:N], integrated[:N], virtual[:N].
+    /// `explora info` lists them.
+    #[arg(long, global = true, env = "BURN_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List the GPU adapters wgpu sees and which one explora uses.
+    Info {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Extract CLS and mean-pooled patch features for every image in a folder.
+    Embed(EmbedArgs),
+    /// Write a CLS-attention heatmap of one layer over an image.
+    Attention(AttentionArgs),
+    /// Print what an adaptation plan trains: parameters per component, total, % of the
+    /// backbone, optimizer-state memory.
+    Plan(PlanArgs),
+    /// Run the built-in default (what `explora --no-gui` runs): procedural satellite-like
+    /// tiles, a tiny backbone, features, k-NN and attention maps.
+    Default(DefaultArgs),
+}
+
+/// Where the backbone comes from.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint: Meta DINOv2 .pth, Hugging Face safetensors, MAE .pth or explora safetensors.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Architecture preset (tiny, vits14, vitb14, vitl14, vitg14, mae-vitb16, mae-vitl16,
+    /// mae-vith14; `_reg` adds 4 registers). Inferred from the checkpoint when omitted.
+    #[arg(long)]
+    pub arch: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Folder of images (searched recursively; ImageFolder class folders give labels).
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Output safetensors file (tensors `cls`, `patch_mean`, `labels`; paths in metadata).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Input resolution in pixels (a multiple of the patch size).
+    #[arg(long, default_value_t = 224)]
+    pub size: u32,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct AttentionArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The image to look at.
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Block whose attention to show (0-based; default: the last).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// Attention head (default: the mean over heads).
+    #[arg(long)]
+    pub head: Option<usize>,
+    /// Output PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Input resolution in pixels (a multiple of the patch size).
+    #[arg(long, default_value_t = 224)]
+    pub size: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// Architecture preset (tiny, vits14, vitb14, vitl14, vitg14, mae-vitb16, mae-vitl16,
+    /// mae-vith14; `_reg` adds 4 registers).
+    #[arg(long, default_value = "vitl14")]
+    pub arch: String,
+    /// explora (one unfrozen block + LoRA on Q,V elsewhere + norms + CLS), lora, linear, full,
+    /// or blocks:K (the last K blocks unfrozen).
+    #[arg(long, default_value = "explora")]
+    pub preset: crate::peft::Preset,
+    /// LoRA rank.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha (the update is scaled by alpha/rank; ExPLoRA uses 1).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// LoRA targets: comma-separated q, k, v, proj, fc1, fc2 (or attn, mlp, all).
+    #[arg(long)]
+    pub targets: Option<crate::peft::LoraTargets>,
+    /// Blocks to unfreeze instead of the preset's (0-based, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub unfreeze: Option<Vec<usize>>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DefaultArgs {
+    /// Run folder (default: runs/default-<UTC time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Procedural tiles generated per scene class.
+    #[arg(long, default_value_t = 40)]
+    pub tiles_per_class: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EXPLORA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,wgpu_core=error,wgpu_hal=error,naga=error"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Info { json }) => info(&cli.device, json),
+        Some(Command::Embed(args)) => embed_cmd(&cli.device, args),
+        Some(Command::Attention(args)) => attention_cmd(&cli.device, args),
+        Some(Command::Plan(args)) => plan_cmd(args),
+        Some(Command::Default(args)) => default_cmd(&cli.device, args),
+        None => {
+            if !cli.no_gui {
+                eprintln!("explora: the desktop app is not built yet; running the built-in default headless.");
+            }
+            default_cmd(&cli.device, DefaultArgs { out: None, tiles_per_class: 40, seed: 0 })
+        }
+    }
+}
+
+fn info(choice: &DeviceChoice, json: bool) -> anyhow::Result<()> {
+    let adapters = device::list_adapters();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&adapters)?);
+        return Ok(());
+    }
+    if adapters.is_empty() {
+        return Err(device::DeviceError::NoAdapter.into());
+    }
+    println!("GPU adapters seen by wgpu:");
+    for a in &adapters {
+        println!(
+            "  --device {:<13} {} [{} {}] driver: {}\n  {:<23} max buffer {} MiB, max storage binding {} MiB, workgroup {} invocations / {} KiB shared, f16 {}, subgroups {}",
+            a.selector,
+            a.name,
+            a.backend,
+            a.device_type,
+            if a.driver.is_empty() { "?" } else { &a.driver },
+            "",
+            a.max_buffer_size >> 20,
+            a.max_storage_buffer_binding_size >> 20,
+            a.max_compute_invocations_per_workgroup,
+            a.max_compute_workgroup_storage_size >> 10,
+            if a.shader_f16 { "yes" } else { "no" },
+            if a.subgroups { "yes" } else { "no" },
+        );
+    }
+    let device = device::open(choice)?;
+    println!("explora uses (--device {choice}): {}", device::describe(&device));
+    Ok(())
+}
+
+fn parse_arch(arch: &Option<String>) -> anyhow::Result<Option<VitConfig>> {
+    arch.as_deref()
+        .map(|name| {
+            VitConfig::preset(name).with_context(|| {
+                let names: Vec<String> = VitConfig::presets().into_iter().map(|c| c.name).collect();
+                format!("unknown --arch `{name}`; presets: {} (add `_reg` for 4 registers)", names.join(", "))
+            })
+        })
+        .transpose()
+}
+
+fn load_model(args: &ModelArgs, device: &burn::tensor::Device) -> anyhow::Result<crate::model::Vit> {
+    let (model, report) = load_backbone_with(&args.weights, parse_arch(&args.arch)?, device)?;
+    eprintln!("loaded {report}");
+    Ok(model)
+}
+
+fn check_size(size: u32, config: &VitConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        size > 0 && size as usize % config.patch_size == 0,
+        "--size {size} is not a multiple of the model's patch size {}",
+        config.patch_size
+    );
+    Ok(())
+}
+
+fn embed_cmd(choice: &DeviceChoice, args: EmbedArgs) -> anyhow::Result<()> {
+    let list = ImageList::scan(&args.images)?;
+    let device = device::open(choice)?;
+    let model = load_model(&args.model, &device)?;
+    check_size(args.size, model.config())?;
+    let out = args.out.clone();
+    let pre = Preprocess::new(args.size);
+    let batch = args.batch;
+    let handle = engine::spawn("embed", move |ctx| {
+        let started = std::time::Instant::now();
+        let features = embed::extract(&model, &list, &pre, batch, ctx)?;
+        let secs = started.elapsed().as_secs_f64();
+        features.save(&out)?;
+        ctx.artifact("features", &out);
+        Ok(format!(
+            "embedded {} images in {secs:.1} s ({:.1} images/s, {} skipped) → {}",
+            features.len(),
+            features.len() as f64 / secs.max(1e-9),
+            features.skipped.count(),
+            out.display()
+        ))
+    });
+    output::follow(handle)
+}
+
+fn attention_cmd(choice: &DeviceChoice, args: AttentionArgs) -> anyhow::Result<()> {
+    let device = device::open(choice)?;
+    let model = load_model(&args.model, &device)?;
+    check_size(args.size, model.config())?;
+    let image = decode_rgb(&args.image)?;
+    let pre = Preprocess::new(args.size);
+    let shown = pre.apply(&image);
+    let tensor = images_tensor(pre.to_tensor_data(&image), 1, args.size as usize, &device);
+    let layer = args.layer.unwrap_or(model.config().depth - 1);
+    let map = attention::cls_attention(&model, tensor, layer, args.head)?;
+    write_png(&attention::overlay(&shown, &map, 0.55), &args.out)?;
+    println!(
+        "wrote {} (CLS attention, block {layer}, {})",
+        args.out.display(),
+        args.head.map_or("mean over heads".to_string(), |h| format!("head {h}"))
+    );
+    Ok(())
+}
+
+fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
+    use crate::peft::AdaptationPlan;
+    let config = parse_arch(&Some(args.arch.clone()))?.expect("given");
+    let mut plan = AdaptationPlan::preset(args.preset, &config);
+    if let Some(rank) = args.rank {
+        plan.lora.rank = rank;
+    }
+    if let Some(alpha) = args.alpha {
+        plan.lora.alpha = alpha;
+    }
+    if let Some(targets) = args.targets {
+        plan.lora.targets = targets;
+    }
+    if let Some(blocks) = &args.unfreeze {
+        plan = plan.with_unfrozen(blocks)?;
+    }
+    plan.validate(&config)?;
+    let budget = plan.budget(&config);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "arch": config.name, "plan": plan, "budget": budget }))?);
+        return Ok(());
+    }
+    println!(
+        "{} ({} blocks, width {}): {} parameters; preset {:?}",
+        config.name,
+        config.depth,
+        config.embed_dim,
+        group(config.num_params()),
+        args.preset
+    );
+    println!("{:<44} {:>14} {:>8}", "trainable component", "parameters", "%");
+    for row in &budget.rows {
+        println!(
+            "{:<44} {:>14} {:>7.2}%",
+            row.component,
+            group(row.params),
+            100.0 * row.params as f64 / budget.backbone as f64
+        );
+    }
+    println!("{:<44} {:>14} {:>7.2}%", "total", group(budget.trainable), budget.percent());
+    println!(
+        "optimizer state (AdamW, 2 × f32 per trainable parameter): {:.1} MiB",
+        budget.optimizer_state_bytes() as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+/// `18725888` → `18,725,888`.
+fn group(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn write_png(image: &image::RgbImage, path: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    image.save(path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn default_cmd(choice: &DeviceChoice, args: DefaultArgs) -> anyhow::Result<()> {
+    let device = device::open(choice)?;
+    eprintln!("device: {}", device::describe(&device));
+    let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("default-{}", utc_stamp())));
+    let mut job = DefaultRun::new(out);
+    job.tiles_per_class = args.tiles_per_class;
+    job.seed = args.seed;
+    let handle = engine::spawn("default", move |ctx| engine::default_run::run(&job, &device, ctx));
+    output::follow(handle)
+}
+
+/// `YYYYmmdd-HHMMSS` in UTC, for run folder names.
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}

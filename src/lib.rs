@@ -1,0 +1,12 @@
+//! explora: adapt pre-trained Vision Transformers to a new image domain with ExPLoRA, on any
+//! wgpu GPU. The CLI (`cli/`) and the desktop app are thin faces over one engine (`engine/`)
+//! that runs jobs on their own thread, takes commands and reports progress as events.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod device;
+pub mod engine;
+pub mod eval;
+pub mod model;
+pub mod peft;

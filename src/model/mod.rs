@@ -1,0 +1,13 @@
+//! Vision Transformer backbones (DINOv2 and MAE families) as burn modules.
+//!
+//! `model/` reads no files: checkpoints are turned into module weights by `checkpoint/`.
+
+mod config;
+mod lora;
+mod pos_embed;
+mod vit;
+
+pub use config::{Family, VitConfig, VitConfigError};
+pub use lora::Lora;
+pub use pos_embed::bicubic_weights;
+pub use vit::{ForwardOptions, Vit, VitOutput};

@@ -1,0 +1,340 @@
+//! The ViT backbone: patch embedding, CLS/register/mask tokens, pre-norm blocks with optional
+//! LayerScale and SwiGLU, final LayerNorm. Field names mirror Meta's DINOv2 checkpoints
+//! (`blocks.N.attn.qkv`, `ls1.gamma`, ...), so that layout loads with renames only.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::{Bool, Device, Tensor, TensorData};
+
+use super::config::VitConfig;
+use super::lora::Lora;
+use super::pos_embed::bicubic_weights;
+
+const INIT_STD: f64 = 0.02;
+
+fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
+        .init(device)
+}
+
+/// Non-overlapping patches → tokens: a `patch × patch` convolution with stride `patch`.
+#[derive(Module, Debug)]
+pub struct PatchEmbed {
+    pub proj: Conv2d,
+}
+
+impl PatchEmbed {
+    /// `[B, 3, H, W]` → `[B, (H/p)·(W/p), D]`, row-major over the patch grid.
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<3> {
+        let x = self.proj.forward(images); // [B, D, h, w]
+        let [b, d, h, w] = x.dims();
+        x.reshape([b, d, h * w]).swap_dims(1, 2)
+    }
+}
+
+/// Multi-head self-attention with the fused `qkv` projection of DINOv2/MAE checkpoints, and
+/// optional LoRA updates on Q, K, V and the output projection.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub lora_q: Option<Lora>,
+    pub lora_k: Option<Lora>,
+    pub lora_v: Option<Lora>,
+    pub lora_proj: Option<Lora>,
+    num_heads: usize,
+}
+
+/// `y + lora(x)` when an adapter is present.
+fn adapted<const D: usize>(y: Tensor<D>, lora: &Option<Lora>, x: &Tensor<D>) -> Tensor<D> {
+    match lora {
+        Some(lora) => y + lora.delta(x.clone()),
+        None => y,
+    }
+}
+
+impl Attention {
+    /// `[B, N, D]` → `[B, N, D]`, plus the attention probabilities `[B, heads, N, N]` when asked.
+    pub fn forward(&self, x: Tensor<3>, return_probs: bool) -> (Tensor<3>, Option<Tensor<4>>) {
+        let [b, n, d] = x.dims();
+        let h = self.num_heads;
+        let dh = d / h;
+        let qkv = self.qkv.forward(x.clone()); // [B, N, 3D]: q, k, v
+        let q = adapted(qkv.clone().narrow(2, 0, d), &self.lora_q, &x);
+        let k = adapted(qkv.clone().narrow(2, d, d), &self.lora_k, &x);
+        let v = adapted(qkv.narrow(2, 2 * d, d), &self.lora_v, &x);
+        let heads = |t: Tensor<3>| t.reshape([b, n, h, dh]).swap_dims(1, 2); // [B, H, N, Dh]
+        let scores = heads(q).mul_scalar((dh as f64).powf(-0.5)).matmul(heads(k).swap_dims(2, 3));
+        let probs = softmax(scores, 3);
+        let context = probs.clone().matmul(heads(v)).swap_dims(1, 2).reshape([b, n, d]);
+        let out = adapted(self.proj.forward(context.clone()), &self.lora_proj, &context);
+        (out, return_probs.then_some(probs))
+    }
+}
+
+/// Per-channel scaling of a residual branch (DINOv2's `ls1`/`ls2`).
+#[derive(Module, Debug)]
+pub struct LayerScale {
+    pub gamma: Param<Tensor<1>>,
+}
+
+impl LayerScale {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [d] = self.gamma.dims();
+        x * self.gamma.val().reshape([1, 1, d])
+    }
+}
+
+/// fc1 → GELU → fc2, or for SwiGLU: fc1 (= Meta's `w12`, 2·hidden wide) → SiLU(x1)·x2 → fc2
+/// (= `w3`).
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub lora_fc1: Option<Lora>,
+    pub lora_fc2: Option<Lora>,
+    swiglu: bool,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let hidden = adapted(self.fc1.forward(x.clone()), &self.lora_fc1, &x);
+        let hidden = if self.swiglu {
+            let mut halves = hidden.chunk(2, 2);
+            let x2 = halves.pop().expect("two halves");
+            let x1 = halves.pop().expect("two halves");
+            silu(x1) * x2
+        } else {
+            gelu(hidden)
+        };
+        adapted(self.fc2.forward(hidden.clone()), &self.lora_fc2, &hidden)
+    }
+}
+
+/// Pre-norm transformer block: `x + ls1(attn(norm1 x))`, then `x + ls2(mlp(norm2 x))`.
+#[derive(Module, Debug)]
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub attn: Attention,
+    pub ls1: Option<LayerScale>,
+    pub norm2: LayerNorm,
+    pub mlp: Mlp,
+    pub ls2: Option<LayerScale>,
+}
+
+impl Block {
+    pub fn forward(&self, x: Tensor<3>, return_probs: bool) -> (Tensor<3>, Option<Tensor<4>>) {
+        let (attn, probs) = self.attn.forward(self.norm1.forward(x.clone()), return_probs);
+        let attn = match &self.ls1 {
+            Some(ls) => ls.forward(attn),
+            None => attn,
+        };
+        let x = x + attn;
+        let mlp = self.mlp.forward(self.norm2.forward(x.clone()));
+        let mlp = match &self.ls2 {
+            Some(ls) => ls.forward(mlp),
+            None => mlp,
+        };
+        (x + mlp, probs)
+    }
+}
+
+/// What a forward pass should produce besides the final tokens.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    /// `[B, num_patches]`, true where a patch is replaced by the mask token (iBOT).
+    pub mask: Option<Tensor<2, Bool>>,
+    /// Blocks whose attention probabilities to return (0-based).
+    pub attention_layers: Vec<usize>,
+}
+
+/// Outputs of [`Vit::forward`], all after the final LayerNorm.
+#[derive(Debug, Clone)]
+pub struct VitOutput {
+    /// `[B, D]`
+    pub cls: Tensor<2>,
+    /// `[B, N, D]`, row-major over the `grid` of patches.
+    pub patches: Tensor<3>,
+    /// `[B, R, D]` when the model has register tokens.
+    pub registers: Option<Tensor<3>>,
+    /// `(layer, [B, heads, T, T])` for each requested layer, T = 1 + R + N tokens.
+    pub attentions: Vec<(usize, Tensor<4>)>,
+    /// Patch grid `(rows, cols)`.
+    pub grid: (usize, usize),
+}
+
+/// A DINOv2 or MAE Vision Transformer backbone.
+#[derive(Module, Debug)]
+pub struct Vit {
+    pub patch_embed: PatchEmbed,
+    pub cls_token: Param<Tensor<3>>,
+    pub pos_embed: Param<Tensor<3>>,
+    pub register_tokens: Option<Param<Tensor<3>>>,
+    pub mask_token: Option<Param<Tensor<2>>>,
+    pub blocks: Vec<Block>,
+    pub norm: LayerNorm,
+    #[module(skip)]
+    config: VitConfig,
+}
+
+impl VitConfig {
+    /// Builds the backbone with fresh weights (truncated-normal-like N(0, 0.02) for matrices and
+    /// tokens, zero mask token, LayerScale at its init value). Call `validate` first.
+    pub fn init(&self, device: &Device) -> Vit {
+        let d = self.embed_dim;
+        let normal = Initializer::Normal { mean: 0.0, std: INIT_STD };
+        let norm = || LayerNormConfig::new(d).with_epsilon(self.norm_eps).init(device);
+        let layer_scale = || {
+            self.layer_scale.map(|value| LayerScale {
+                gamma: Initializer::Constant { value }.init([d], device),
+            })
+        };
+        let hidden = self.mlp_hidden();
+        let fc1_out = if self.swiglu { 2 * hidden } else { hidden };
+        let blocks = (0..self.depth)
+            .map(|_| Block {
+                norm1: norm(),
+                attn: Attention {
+                    qkv: linear(d, 3 * d, device),
+                    proj: linear(d, d, device),
+                    lora_q: None,
+                    lora_k: None,
+                    lora_v: None,
+                    lora_proj: None,
+                    num_heads: self.num_heads,
+                },
+                ls1: layer_scale(),
+                norm2: norm(),
+                mlp: Mlp {
+                    fc1: linear(d, fc1_out, device),
+                    fc2: linear(hidden, d, device),
+                    lora_fc1: None,
+                    lora_fc2: None,
+                    swiglu: self.swiglu,
+                },
+                ls2: layer_scale(),
+            })
+            .collect();
+        Vit {
+            patch_embed: PatchEmbed {
+                proj: Conv2dConfig::new([3, d], [self.patch_size, self.patch_size])
+                    .with_stride([self.patch_size, self.patch_size])
+                    .with_initializer(normal.clone())
+                    .init(device),
+            },
+            cls_token: normal.init([1, 1, d], device),
+            pos_embed: normal.init([1, 1 + self.pos_grid * self.pos_grid, d], device),
+            register_tokens: (self.num_registers > 0)
+                .then(|| normal.init([1, self.num_registers, d], device)),
+            mask_token: self.mask_token.then(|| Initializer::Zeros.init([1, d], device)),
+            blocks,
+            norm: norm(),
+            config: self.clone(),
+        }
+    }
+}
+
+impl Vit {
+    pub fn config(&self) -> &VitConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> Device {
+        self.cls_token.val().device()
+    }
+
+    /// Position embeddings for a `rows × cols` patch grid: `[1, 1 + rows·cols, D]` (CLS first).
+    /// Resampled bicubically from the stored grid unless it already has that size, exactly as
+    /// the reference implementations do (`interpolate_offset`/`interpolate_antialias`).
+    pub fn position_embeddings(&self, rows: usize, cols: usize) -> Tensor<3> {
+        let pos = self.pos_embed.val();
+        let g = self.config.pos_grid;
+        if rows == g && cols == g {
+            return pos;
+        }
+        let [_, _, d] = pos.dims();
+        let device = pos.device();
+        let (offset, aa) = (self.config.interpolate_offset, self.config.interpolate_antialias);
+        let wy = Tensor::<2>::from_data(TensorData::new(bicubic_weights(g, rows, offset, aa), [rows, g]), &device);
+        let wx = Tensor::<2>::from_data(TensorData::new(bicubic_weights(g, cols, offset, aa), [cols, g]), &device);
+        let cls_pos = pos.clone().narrow(1, 0, 1);
+        // [G·G, D] → rows: [rows, G·D] → [rows, G, D] → cols: [rows, cols, D]
+        let grid = pos.narrow(1, 1, g * g).reshape([g, g * d]);
+        let by_rows = wy.matmul(grid).reshape([rows, g, d]);
+        let resampled = wx.unsqueeze::<3>().expand([rows, cols, g]).matmul(by_rows);
+        Tensor::cat(vec![cls_pos, resampled.reshape([1, rows * cols, d])], 1)
+    }
+
+    /// Tokens before the first block: `[CLS, registers…, patches…]`, with position embeddings
+    /// added to CLS and patches (registers carry none) and masked patches replaced by the
+    /// mask token before the position embedding, as DINOv2 does.
+    pub fn embed_tokens(&self, images: Tensor<4>, mask: Option<Tensor<2, Bool>>) -> (Tensor<3>, (usize, usize)) {
+        let [b, c, height, width] = images.dims();
+        let p = self.config.patch_size;
+        assert_eq!(c, 3, "expected RGB input [B, 3, H, W], got {c} channels");
+        assert!(
+            height % p == 0 && width % p == 0 && height > 0 && width > 0,
+            "input {height}×{width} is not a multiple of the patch size {p}"
+        );
+        let (rows, cols) = (height / p, width / p);
+        let mut x = self.patch_embed.forward(images);
+        let [_, n, d] = x.dims();
+        if let Some(mask) = mask {
+            let token = self
+                .mask_token
+                .as_ref()
+                .expect("a masked forward needs a model built with a mask token")
+                .val();
+            assert_eq!(mask.dims(), [b, n], "mask must be [batch, num_patches]");
+            x = x.mask_where(
+                mask.unsqueeze_dim::<3>(2).expand([b, n, d]),
+                token.reshape([1, 1, d]).expand([b, n, d]),
+            );
+        }
+        let cls = self.cls_token.val().expand([b, 1, d]);
+        let x = Tensor::cat(vec![cls, x], 1) + self.position_embeddings(rows, cols);
+        let x = match &self.register_tokens {
+            Some(registers) => {
+                let r = registers.dims()[1];
+                Tensor::cat(
+                    vec![
+                        x.clone().narrow(1, 0, 1),
+                        registers.val().expand([b, r, d]),
+                        x.narrow(1, 1, n),
+                    ],
+                    1,
+                )
+            }
+            None => x,
+        };
+        (x, (rows, cols))
+    }
+
+    /// `[B, 3, H, W]` (ImageNet-normalised, H and W multiples of the patch size) → CLS, patch
+    /// and register tokens after the final norm, plus the requested attention maps.
+    pub fn forward(&self, images: Tensor<4>, options: ForwardOptions) -> VitOutput {
+        let (mut x, grid) = self.embed_tokens(images, options.mask);
+        let mut attentions = Vec::new();
+        for (index, block) in self.blocks.iter().enumerate() {
+            let want = options.attention_layers.contains(&index);
+            let (next, probs) = block.forward(x, want);
+            x = next;
+            if let Some(probs) = probs {
+                attentions.push((index, probs));
+            }
+        }
+        let x = self.norm.forward(x);
+        let [b, t, d] = x.dims();
+        let r = self.config.num_registers;
+        VitOutput {
+            cls: x.clone().narrow(1, 0, 1).reshape([b, d]),
+            registers: (r > 0).then(|| x.clone().narrow(1, 1, r)),
+            patches: x.narrow(1, 1 + r, t - 1 - r),
+            attentions,
+            grid,
+        }
+    }
+}

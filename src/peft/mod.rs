@@ -1,0 +1,8 @@
+//! Parameter-efficient adaptation: the plan of what trains, and its exact parameter accounting
+//! (the numbers `explora plan` prints and the app shows live).
+
+mod apply;
+mod plan;
+
+pub use apply::{apply_plan, count_trainable, merge_lora, trainable_patterns};
+pub use plan::{AdaptationPlan, BlockMode, Budget, BudgetRow, LoraSpec, LoraTargets, PlanError, Preset};

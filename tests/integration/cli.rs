@@ -1,0 +1,111 @@
+//! The binary as a person uses it: exit codes, messages, files written.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use explora::checkpoint::save_backbone;
+use explora::data::generate_image_folder;
+use explora::model::VitConfig;
+
+use crate::common::*;
+
+fn explora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_explora")).args(args).output().expect("run explora")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn tiny_weights(dir: &Path) -> String {
+    let path = dir.join("tiny.safetensors");
+    save_backbone(&VitConfig::tiny().init(&device()), &path).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn info_lists_adapters_and_the_one_in_use() {
+    let out = explora(&["info"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("GPU adapters seen by wgpu") && t.contains("explora uses"), "{t}");
+    let out = explora(&["info", "--device", "tpu"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("unknown device `tpu`"), "{}", text(&out));
+}
+
+#[test]
+fn embed_skips_and_names_corrupt_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    generate_image_folder(&images, 3, 64, 7).unwrap();
+    std::fs::write(images.join("water").join("broken.png"), b"not a png").unwrap();
+    let weights = tiny_weights(dir.path());
+    let features = dir.path().join("features.safetensors");
+    let out = explora(&[
+        "embed", "--weights", &weights, "--images", images.to_str().unwrap(), "--out",
+        features.to_str().unwrap(), "--size", "64", "--batch", "4",
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("embedded 15 images") && t.contains("1 skipped"), "{t}");
+    assert!(t.contains("broken.png"), "the skipped file is named: {t}");
+    let map = read(features);
+    assert_eq!(map["cls"].shape, vec![15, 64]);
+    assert_eq!(map["patch_mean"].shape, vec![15, 64]);
+    assert_eq!(map["labels"].data.iter().filter(|l| **l == 4.0).count(), 3, "water is class 4 of 5");
+}
+
+#[test]
+fn embed_and_attention_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = explora(&["embed", "--weights", "/nonexistent/w.pth", "--images", dir.path().to_str().unwrap(), "--out", "x"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no images"), "empty folder first: {}", text(&out));
+    let images = dir.path().join("imgs");
+    generate_image_folder(&images, 1, 64, 1).unwrap();
+    let out = explora(&["embed", "--weights", "/nonexistent/w.pth", "--images", images.to_str().unwrap(), "--out", "x"]);
+    assert!(text(&out).contains("/nonexistent/w.pth does not exist"), "{}", text(&out));
+    let weights = tiny_weights(dir.path());
+    let image = images.join("roads").join("roads_0.png");
+    let out = explora(&[
+        "attention", "--weights", &weights, "--image", image.to_str().unwrap(), "--layer", "9", "--out", "a.png", "--size", "64",
+    ]);
+    assert!(text(&out).contains("--layer 9 is out of range: the model has blocks 0..=3"), "{}", text(&out));
+    let out = explora(&["attention", "--weights", &weights, "--image", image.to_str().unwrap(), "--out", "a.png", "--size", "60"]);
+    assert!(text(&out).contains("not a multiple of the model's patch size 8"), "{}", text(&out));
+}
+
+#[test]
+fn attention_writes_a_heatmap_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("imgs");
+    generate_image_folder(&images, 1, 64, 3).unwrap();
+    let weights = tiny_weights(dir.path());
+    let png = dir.path().join("maps").join("roofs.png");
+    let image = images.join("roofs").join("roofs_0.png");
+    let out = explora(&[
+        "attention", "--weights", &weights, "--image", image.to_str().unwrap(), "--head", "1", "--out",
+        png.to_str().unwrap(), "--size", "64",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let overlay = image::open(&png).unwrap().to_rgb8();
+    let original = image::open(&image).unwrap().to_rgb8();
+    assert_eq!(overlay.dimensions(), (64, 64));
+    assert_ne!(overlay, original, "the heatmap is blended over the image");
+}
+
+#[test]
+fn the_default_run_writes_its_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = explora(&["--no-gui", "default", "--tiles-per-class", "6", "--out", run.to_str().unwrap()]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("default run finished: 30 tiles embedded"), "{t}");
+    for file in ["config.toml", "backbone.safetensors", "features.safetensors", "report.md", "attention_water.png"] {
+        assert!(run.join(file).exists(), "{file} missing; output: {t}");
+    }
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(report.contains("10-NN accuracy"), "{report}");
+}

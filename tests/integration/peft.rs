@@ -1,0 +1,129 @@
+//! Adaptation plans on a real (tiny) model: step-0 equivalence, gradients only where planned,
+//! LoRA merge, and the budget against the model's own tensors.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Distribution, Tensor};
+use explora::model::{ForwardOptions, Vit, VitConfig};
+use explora::peft::{AdaptationPlan, LoraTargets, Preset, apply_plan, count_trainable, merge_lora};
+
+use crate::common::*;
+
+fn images(device: &burn::tensor::Device) -> Tensor<4> {
+    Tensor::random([2, 3, 64, 64], Distribution::Normal(0.0, 1.0), device)
+}
+
+fn features(model: &Vit, x: Tensor<4>) -> Vec<f32> {
+    let out = model.forward(x, ForwardOptions::default());
+    let mut v = values(out.cls).1;
+    v.extend(values(out.patches).1);
+    v
+}
+
+fn every_target() -> LoraTargets {
+    "all".parse().unwrap()
+}
+
+#[test]
+fn every_preset_starts_equal_to_the_base_model() {
+    let device = device();
+    let base = VitConfig::tiny().init(&device);
+    let x = images(&device);
+    let reference = features(&base, x.clone());
+    for preset in [Preset::Explora, Preset::Lora, Preset::Linear, Preset::Full, Preset::Blocks(2)] {
+        let mut plan = AdaptationPlan::preset(preset, base.config());
+        plan.lora.targets = every_target();
+        plan.lora.rank = 4;
+        let adapted = apply_plan(base.clone(), &plan).unwrap();
+        let diff = max_abs_diff(&features(&adapted, x.clone()), &reference);
+        assert!(diff < 1e-6, "{preset:?}: step-0 output differs by {diff}");
+    }
+}
+
+/// Collects `(path, has gradient)` for every float parameter.
+struct GradCheck<'a> {
+    grads: &'a burn::tensor::Gradients,
+    path: Vec<String>,
+    seen: Vec<(String, bool)>,
+}
+
+impl ModuleVisitor for GradCheck<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = self.path.iter().filter(|p| !p.is_empty()).cloned().collect::<Vec<_>>().join(".");
+        self.seen.push((name, param.val().grad(self.grads).is_some()));
+    }
+}
+
+#[test]
+fn gradients_reach_exactly_the_planned_parameters() {
+    let device = device().autodiff();
+    let config = VitConfig::tiny();
+    let plan = AdaptationPlan::preset(Preset::Explora, &config);
+    let model = apply_plan(config.init(&device), &plan).unwrap();
+    let out = model.forward(
+        images(&device),
+        ForwardOptions { mask: Some(Tensor::<2>::random([2, 64], Distribution::Uniform(0.0, 1.0), &device).greater_elem(0.5)), attention_layers: vec![] },
+    );
+    let loss = out.cls.powf_scalar(2.0).sum() + out.patches.sum();
+    let grads = loss.backward();
+    let mut check = GradCheck { grads: &grads, path: Vec::new(), seen: Vec::new() };
+    model.visit(&mut check);
+    let trained: Vec<&str> = check.seen.iter().filter(|(_, g)| *g).map(|(n, _)| n.as_str()).collect();
+    let frozen: Vec<&str> = check.seen.iter().filter(|(_, g)| !*g).map(|(n, _)| n.as_str()).collect();
+    // The last block (3) is fully unfrozen; LoRA on q and v elsewhere; norms, CLS, mask token.
+    for name in ["blocks.3.attn.qkv.weight", "blocks.3.mlp.fc2.bias", "blocks.3.ls1.gamma", "blocks.0.attn.lora_q.a",
+        "blocks.2.attn.lora_v.b", "blocks.1.norm1.gamma", "norm.beta", "cls_token", "mask_token"] {
+        assert!(trained.contains(&name), "{name} should train; trained: {trained:?}");
+    }
+    for name in ["blocks.0.attn.qkv.weight", "blocks.2.mlp.fc1.weight", "blocks.1.ls2.gamma", "patch_embed.proj.weight", "pos_embed"] {
+        assert!(frozen.contains(&name), "{name} should stay frozen; frozen: {frozen:?}");
+    }
+    assert!(!trained.iter().any(|n| n.contains("lora_k") || n.starts_with("blocks.3.attn.lora")), "{trained:?}");
+    // The budget counts exactly the parameters that received gradients.
+    let budget = plan.budget(&config);
+    assert_eq!(budget.trainable, count_trainable(&model, &plan));
+}
+
+#[test]
+fn merged_lora_computes_the_same_function() {
+    let device = device();
+    let config = VitConfig::tiny();
+    let mut plan = AdaptationPlan::preset(Preset::Lora, &config);
+    plan.lora.targets = every_target();
+    plan.lora.rank = 8;
+    plan.lora.alpha = 16.0;
+    let mut model = apply_plan(config.init(&device), &plan).unwrap();
+    // Give every B a non-zero value, as after training.
+    for block in model.blocks.iter_mut() {
+        for lora in [&mut block.attn.lora_q, &mut block.attn.lora_k, &mut block.attn.lora_v, &mut block.attn.lora_proj,
+            &mut block.mlp.lora_fc1, &mut block.mlp.lora_fc2].into_iter().flatten() {
+            let dims = lora.b.dims();
+            lora.b = Param::from_tensor(Tensor::random(dims, Distribution::Normal(0.0, 0.05), &device));
+        }
+    }
+    let x = images(&device);
+    let adapted = features(&model, x.clone());
+    let base = features(&config.init(&device), x.clone());
+    let merged_model = merge_lora(model);
+    assert!(merged_model.blocks.iter().all(|b| b.attn.lora_q.is_none() && b.mlp.lora_fc2.is_none()));
+    let merged = features(&merged_model, x);
+    let diff = max_abs_diff(&adapted, &merged);
+    assert!(diff < 1e-4, "merge changed outputs by {diff}");
+    assert!(max_abs_diff(&adapted, &base) > 1e-3, "the adapters must matter for this test to mean anything");
+}
+
+#[test]
+fn budget_matches_the_model_for_every_preset() {
+    let device = device();
+    let config = VitConfig { num_registers: 2, ..VitConfig::tiny() };
+    for preset in [Preset::Explora, Preset::Lora, Preset::Linear, Preset::Full, Preset::Blocks(3)] {
+        let plan = AdaptationPlan::preset(preset, &config);
+        let model = apply_plan(config.init(&device), &plan).unwrap();
+        assert_eq!(plan.budget(&config).trainable, count_trainable(&model, &plan), "{preset:?}");
+    }
+}
