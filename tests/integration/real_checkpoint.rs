@@ -11,8 +11,11 @@ use explora::model::ForwardOptions;
 
 use crate::common::*;
 
-/// Images used: the first of each EuroSAT class, resized to 224 by our own pipeline.
+/// Images used: the first image of four EuroSAT classes (AnnualCrop, Highway, PermanentCrop,
+/// SeaLake), resized to 224 by our own pipeline. Four keep the test near half a minute on
+/// software Vulkan.
 const SIZE: u32 = 224;
+const CLASSES: [usize; 4] = [0, 3, 6, 9];
 
 fn shared() -> Option<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
@@ -24,7 +27,7 @@ fn shared() -> Option<PathBuf> {
 fn inputs(root: &std::path::Path) -> (Vec<f32>, usize) {
     let list = ImageList::scan(&root.join("data/eurosat")).unwrap();
     let mut firsts = Vec::new();
-    for class in 0..list.classes.len() {
+    for class in CLASSES {
         firsts.push(list.items.iter().find(|i| i.label == Some(class)).unwrap().path.clone());
     }
     let mut skips = SkipReport::default();
