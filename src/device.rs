@@ -97,7 +97,7 @@ impl DeviceChoice {
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error(
-        "no GPU adapter found (wgpu tried Vulkan, Metal, DX12 and OpenGL). {}",
+        "no GPU adapter found (wgpu tried Vulkan, Metal and DX12). {}",
         install_hint()
     )]
     NoAdapter,
@@ -134,10 +134,12 @@ fn type_name(t: wgpu::DeviceType) -> &'static str {
     }
 }
 
-/// Every adapter wgpu can see, in wgpu's order, with the `--device` value that selects it.
+/// Every compute-capable adapter wgpu can see on the primary APIs (Vulkan, Metal, DX12; burn's
+/// runtime does not compute on OpenGL), in wgpu's order, with the `--device` value that
+/// selects it.
 pub fn list_adapters() -> Vec<AdapterInfo> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
     let mut seen: HashMap<&'static str, usize> = HashMap::new();
     adapters
         .iter()

@@ -153,6 +153,7 @@ pub struct DefaultArgs {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    quiet_headless_wayland_probe();
     let cli = Cli::parse();
     init_tracing();
     match run(cli) {
@@ -160,6 +161,20 @@ pub fn main() -> ExitCode {
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// On a Linux machine without a desktop session (CI, servers), Mesa's Vulkan driver probes for a
+/// Wayland display and libwayland prints "error: XDG_RUNTIME_DIR is invalid or not set" several
+/// times. There is no display to find then, so give the probe a private runtime dir to look in.
+fn quiet_headless_wayland_probe() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
+        let dir = std::env::temp_dir().join("explora-xdg-runtime");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            // SAFETY: called first thing in `main`, before any other thread exists.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
         }
     }
 }

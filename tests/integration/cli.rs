@@ -109,3 +109,19 @@ fn the_default_run_writes_its_results() {
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(report.contains("10-NN accuracy"), "{report}");
 }
+
+#[test]
+fn plan_prints_the_papers_vitl14_budget_and_rejects_bad_ranks() {
+    let out = explora(&["plan", "--arch", "vitl14", "--preset", "explora"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    // ExPLoRA paper: block 23 (12.6M) + LoRA r=64 on Q,V (6.0M) = 18.7M trainable.
+    for needle in ["unfrozen blocks [23]", "12,598,272", "6,029,312", "18,725,888", "6.15%"] {
+        assert!(t.contains(needle), "missing {needle}: {t}");
+    }
+    let out = explora(&["plan", "--arch", "vits14", "--preset", "lora", "--rank", "400"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("`lora.rank` 400 is larger than the q projection (384→384)"), "{}", text(&out));
+    let out = explora(&["plan", "--arch", "tiny", "--unfreeze", "7"]);
+    assert!(text(&out).contains("block 7 is out of range: the model has blocks 0..=3"), "{}", text(&out));
+}
