@@ -358,6 +358,14 @@ pub fn save_backbone(model: &Vit, path: &Path) -> Result<(), CheckpointError> {
     raw::write_safetensors(path, &tensors, &own_metadata(model, &[]))
 }
 
+/// Saves the backbone with Meta's key names (the canonical layout) as safetensors, for the
+/// Meta DINOv2 and MAE code (`safetensors.torch.load_file` + `load_state_dict`), atomically.
+pub fn save_backbone_meta(model: &Vit, path: &Path) -> Result<(), CheckpointError> {
+    let mut meta = Metadata::new();
+    meta.insert("format".into(), "pt".into());
+    raw::write_safetensors(path, &canonical_from_model(model)?, &meta)
+}
+
 /// Saves the backbone in the Hugging Face `Dinov2Model` layout (safetensors + `config.json`
 /// beside it), atomically.
 pub fn save_backbone_hf(model: &Vit, path: &Path) -> Result<(), CheckpointError> {

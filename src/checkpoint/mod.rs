@@ -1,16 +1,18 @@
 //! Checkpoints: layout detection and key maps (Meta DINOv2, Hugging Face, MAE, explora's own),
 //! loading with a key-level report that refuses partial loads, and saving/exporting.
 
+mod adapter;
 mod layout;
 mod load;
 mod raw;
 
 use std::path::PathBuf;
 
+pub use adapter::{ADAPTER_FORMAT, load_adapter, save_adapter};
 pub use layout::{Canonical, Layout, canonical_to_hf, detect, strip_wrappers, to_canonical};
 pub use load::{
     EXPLORA_FORMAT, LoadReport, canonical_from_model, infer_config, load_backbone, load_backbone_with,
-    save_backbone, save_backbone_hf,
+    save_backbone, save_backbone_hf, save_backbone_meta,
 };
 pub use raw::{Metadata, RawTensor, TensorMap, atomic_write, read_any, read_pytorch, read_safetensors, write_safetensors};
 

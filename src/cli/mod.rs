@@ -56,6 +56,9 @@ pub enum Command {
     /// Print what an adaptation plan trains: parameters per component, total, % of the
     /// backbone, optimizer-state memory.
     Plan(PlanArgs),
+    /// Write an adapted backbone as a plain checkpoint: apply an adapter file (if given), merge
+    /// LoRA into the weights, save in the layout the weights came from (or --layout).
+    Export(ExportArgs),
     /// Run the built-in default (what `explora --no-gui` runs): procedural satellite-like
     /// tiles, a tiny backbone, features, k-NN and attention maps.
     Default(DefaultArgs),
@@ -140,6 +143,23 @@ pub struct PlanArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Adapter file written by training (`adapter.safetensors`): LoRA factors and the other
+    /// trained tensors, re-applied over --weights.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Output file (.safetensors). The HF layout also writes config.json beside it.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// same (the layout --weights came in; Meta and MAE .pth become Meta-keyed safetensors),
+    /// hf, meta or explora.
+    #[arg(long, default_value = "same")]
+    pub layout: String,
+}
+
+#[derive(Args, Debug)]
 pub struct DefaultArgs {
     /// Run folder (default: runs/default-<UTC time>).
     #[arg(long)]
@@ -191,6 +211,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Embed(args)) => embed_cmd(&cli.device, args),
         Some(Command::Attention(args)) => attention_cmd(&cli.device, args),
         Some(Command::Plan(args)) => plan_cmd(args),
+        Some(Command::Export(args)) => export_cmd(&cli.device, args),
         Some(Command::Default(args)) => default_cmd(&cli.device, args),
         None => {
             if !cli.no_gui {
@@ -245,9 +266,45 @@ fn parse_arch(arch: &Option<String>) -> anyhow::Result<Option<VitConfig>> {
 }
 
 fn load_model(args: &ModelArgs, device: &burn::tensor::Device) -> anyhow::Result<crate::model::Vit> {
+    Ok(load_model_with_layout(args, device)?.0)
+}
+
+fn load_model_with_layout(
+    args: &ModelArgs,
+    device: &burn::tensor::Device,
+) -> anyhow::Result<(crate::model::Vit, crate::checkpoint::Layout)> {
     let (model, report) = load_backbone_with(&args.weights, parse_arch(&args.arch)?, device)?;
     eprintln!("loaded {report}");
-    Ok(model)
+    Ok((model, report.layout))
+}
+
+fn export_cmd(choice: &DeviceChoice, args: ExportArgs) -> anyhow::Result<()> {
+    use crate::checkpoint::{Layout, load_adapter, save_backbone, save_backbone_hf, save_backbone_meta};
+    let device = device::open(choice)?;
+    let (mut model, source) = load_model_with_layout(&args.model, &device)?;
+    if let Some(adapter) = &args.adapter {
+        let (adapted, plan) = load_adapter(model, adapter)?;
+        let budget = plan.budget(adapted.config());
+        eprintln!("applied {} ({} trained parameters)", adapter.display(), budget.trainable);
+        model = adapted;
+    }
+    let model = crate::peft::merge_lora(model);
+    let layout = match args.layout.as_str() {
+        "same" => match source {
+            Layout::HfDinov2 => "hf",
+            Layout::MetaDinov2 | Layout::Mae => "meta",
+            Layout::Explora => "explora",
+        },
+        other @ ("hf" | "meta" | "explora") => other,
+        other => anyhow::bail!("unknown --layout `{other}`: use same, hf, meta or explora"),
+    };
+    match layout {
+        "hf" => save_backbone_hf(&model, &args.out)?,
+        "meta" => save_backbone_meta(&model, &args.out)?,
+        _ => save_backbone(&model, &args.out)?,
+    }
+    println!("wrote {} ({layout} layout, LoRA merged)", args.out.display());
+    Ok(())
 }
 
 fn check_size(size: u32, config: &VitConfig) -> anyhow::Result<()> {

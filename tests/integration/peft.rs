@@ -127,3 +127,58 @@ fn budget_matches_the_model_for_every_preset() {
         assert_eq!(plan.budget(&config).trainable, count_trainable(&model, &plan), "{preset:?}");
     }
 }
+
+#[test]
+fn adapter_files_are_small_reapply_exactly_and_export_merged() {
+    use explora::checkpoint::{load_adapter, load_backbone, save_adapter, save_backbone};
+    let device = device();
+    let dir = tempfile::tempdir().unwrap();
+    let config = VitConfig::tiny();
+    let base = config.init(&device);
+    let base_path = dir.path().join("base.safetensors");
+    save_backbone(&base, &base_path).unwrap();
+    let mut plan = AdaptationPlan::preset(Preset::Explora, &config);
+    plan.lora.rank = 4;
+    let mut adapted = apply_plan(base.clone(), &plan).unwrap();
+    // Stand-in for training: move every LoRA B and the unfrozen block's fc2.
+    for block in adapted.blocks.iter_mut() {
+        for lora in [&mut block.attn.lora_q, &mut block.attn.lora_v].into_iter().flatten() {
+            let dims = lora.b.dims();
+            lora.b = Param::from_tensor(Tensor::random(dims, Distribution::Normal(0.0, 0.1), &device));
+        }
+    }
+    let fc2 = adapted.blocks[3].mlp.fc2.weight.val();
+    adapted.blocks[3].mlp.fc2.weight = Param::from_tensor(fc2.clone() + fc2.random_like(Distribution::Normal(0.0, 0.05)));
+    let x = images(&device);
+    let expected = features(&adapted, x.clone());
+
+    let adapter = dir.path().join("adapter.safetensors");
+    save_adapter(&adapted, &plan, &adapter).unwrap();
+    let adapter_size = std::fs::metadata(&adapter).unwrap().len();
+    let base_size = std::fs::metadata(&base_path).unwrap().len();
+    assert!(adapter_size * 2 < base_size, "adapter {adapter_size} B vs base {base_size} B");
+
+    let (reloaded_base, _) = load_backbone(&base_path, &device).unwrap();
+    let (reapplied, reloaded_plan) = load_adapter(reloaded_base, &adapter).unwrap();
+    assert_eq!(reloaded_plan, plan);
+    assert_eq!(max_abs_diff(&features(&reapplied, x.clone()), &expected), 0.0);
+
+    // An adapter for another architecture is refused by name.
+    let other = VitConfig { depth: 2, ..VitConfig::tiny() }.init(&device);
+    let err = load_adapter(other, &adapter).unwrap_err().to_string();
+    assert!(err.contains("made for tiny (width 64, 4 blocks)"), "{err}");
+
+    // `explora export` merges LoRA and writes a plain HF checkpoint with the same function.
+    let out = dir.path().join("hf").join("model.safetensors");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_explora"))
+        .args(["export", "--weights", base_path.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(),
+            "--layout", "hf", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let (exported, report) = load_backbone(&out, &device).unwrap();
+    assert_eq!(report.layout, explora::checkpoint::Layout::HfDinov2);
+    assert!(exported.blocks.iter().all(|b| b.attn.lora_q.is_none()), "a plain checkpoint");
+    let diff = max_abs_diff(&features(&exported, x), &expected);
+    assert!(diff < 1e-4, "exported model differs by {diff}");
+}
