@@ -137,6 +137,13 @@ pub struct PlanArgs {
     /// Blocks to unfreeze instead of the preset's (0-based, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub unfreeze: Option<Vec<usize>>,
+    /// Add Convpass adapters (bottleneck width, 8 in the paper) beside attention and MLP of
+    /// every block.
+    #[arg(long)]
+    pub convpass: Option<usize>,
+    /// Convpass scale s (the paper picks it per dataset; 10 for EuroSAT).
+    #[arg(long, default_value_t = 10.0)]
+    pub convpass_scale: f64,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -288,6 +295,11 @@ fn export_cmd(choice: &DeviceChoice, args: ExportArgs) -> anyhow::Result<()> {
         eprintln!("applied {} ({} trained parameters)", adapter.display(), budget.trainable);
         model = adapted;
     }
+    anyhow::ensure!(
+        !model.blocks.iter().any(|b| b.convpass_attn.is_some() || b.convpass_mlp.is_some()),
+        "Convpass adapters are non-linear and cannot be merged into plain weights; keep the adapter file \
+         and re-apply it over the base checkpoint instead"
+    );
     let model = crate::peft::merge_lora(model);
     let layout = match args.layout.as_str() {
         "same" => match source {
@@ -375,6 +387,9 @@ fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
     }
     if let Some(blocks) = &args.unfreeze {
         plan = plan.with_unfrozen(blocks)?;
+    }
+    if let Some(dim) = args.convpass {
+        plan.convpass = Some(crate::peft::ConvpassSpec { dim, scale: args.convpass_scale, ..Default::default() });
     }
     plan.validate(&config)?;
     let budget = plan.budget(&config);

@@ -3,11 +3,13 @@
 //! `model/` reads no files: checkpoints are turned into module weights by `checkpoint/`.
 
 mod config;
+mod convpass;
 mod lora;
 mod pos_embed;
 mod vit;
 
 pub use config::{Family, VitConfig, VitConfigError};
+pub use convpass::Convpass;
 pub use lora::Lora;
 pub use pos_embed::bicubic_weights;
-pub use vit::{ForwardOptions, Vit, VitOutput};
+pub use vit::{Block, ForwardOptions, TokenLayout, Vit, VitOutput};

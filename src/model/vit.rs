@@ -9,6 +9,7 @@ use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use super::config::VitConfig;
+use super::convpass::Convpass;
 use super::lora::Lora;
 use super::pos_embed::bicubic_weights;
 
@@ -123,22 +124,43 @@ pub struct Block {
     pub norm2: LayerNorm,
     pub mlp: Mlp,
     pub ls2: Option<LayerScale>,
+    /// Convpass bypass beside the attention (reads `norm1`'s output).
+    pub convpass_attn: Option<Convpass>,
+    /// Convpass bypass beside the MLP (reads `norm2`'s output).
+    pub convpass_mlp: Option<Convpass>,
+}
+
+/// Where the patch grid sits in the token sequence: `prefix` tokens (CLS and registers), then
+/// `rows × cols` patches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenLayout {
+    pub prefix: usize,
+    pub grid: (usize, usize),
 }
 
 impl Block {
-    pub fn forward(&self, x: Tensor<3>, return_probs: bool) -> (Tensor<3>, Option<Tensor<4>>) {
-        let (attn, probs) = self.attn.forward(self.norm1.forward(x.clone()), return_probs);
+    pub fn forward(&self, x: Tensor<3>, return_probs: bool, layout: TokenLayout) -> (Tensor<3>, Option<Tensor<4>>) {
+        let h = self.norm1.forward(x.clone());
+        let (attn, probs) = self.attn.forward(h.clone(), return_probs);
         let attn = match &self.ls1 {
             Some(ls) => ls.forward(attn),
             None => attn,
         };
-        let x = x + attn;
-        let mlp = self.mlp.forward(self.norm2.forward(x.clone()));
+        let mut x = x + attn;
+        if let Some(c) = &self.convpass_attn {
+            x = x + c.forward(h, layout.prefix, layout.grid);
+        }
+        let h = self.norm2.forward(x.clone());
+        let mlp = self.mlp.forward(h.clone());
         let mlp = match &self.ls2 {
             Some(ls) => ls.forward(mlp),
             None => mlp,
         };
-        (x + mlp, probs)
+        let mut x = x + mlp;
+        if let Some(c) = &self.convpass_mlp {
+            x = x + c.forward(h, layout.prefix, layout.grid);
+        }
+        (x, probs)
     }
 }
 
@@ -216,6 +238,8 @@ impl VitConfig {
                     swiglu: self.swiglu,
                 },
                 ls2: layer_scale(),
+                convpass_attn: None,
+                convpass_mlp: None,
             })
             .collect();
         Vit {
@@ -317,10 +341,11 @@ impl Vit {
     /// and register tokens after the final norm, plus the requested attention maps.
     pub fn forward(&self, images: Tensor<4>, options: ForwardOptions) -> VitOutput {
         let (mut x, grid) = self.embed_tokens(images, options.mask);
+        let layout = TokenLayout { prefix: 1 + self.config.num_registers, grid };
         let mut attentions = Vec::new();
         for (index, block) in self.blocks.iter().enumerate() {
             let want = options.attention_layers.contains(&index);
-            let (next, probs) = block.forward(x, want);
+            let (next, probs) = block.forward(x, want, layout);
             x = next;
             if let Some(probs) = probs {
                 attentions.push((index, probs));

@@ -6,7 +6,7 @@ use burn::store::ModuleSnapshot;
 use burn::tensor::Tensor;
 
 use super::plan::{AdaptationPlan, BlockMode, PlanError};
-use crate::model::{Lora, Vit};
+use crate::model::{Convpass, Lora, Vit};
 
 /// Regexes over parameter paths that select what a plan trains.
 pub fn trainable_patterns(plan: &AdaptationPlan) -> Vec<String> {
@@ -18,6 +18,9 @@ pub fn trainable_patterns(plan: &AdaptationPlan) -> Vec<String> {
     }
     if plan.blocks.contains(&BlockMode::Lora) {
         patterns.push(r"\.lora_[a-z0-9]+\.(a|b)$".into());
+    }
+    if plan.convpass.is_some() {
+        patterns.push(r"\.convpass_(attn|mlp)\.".into());
     }
     if plan.norms {
         patterns.push(r"(^|\.)norm[12]?\.(gamma|beta)$".into());
@@ -57,6 +60,9 @@ pub fn apply_plan(mut model: Vit, plan: &AdaptationPlan) -> Result<Vit, PlanErro
         block.attn.lora_proj = lora(t.proj, d, d);
         block.mlp.lora_fc1 = lora(t.fc1, d, fc1_out);
         block.mlp.lora_fc2 = lora(t.fc2, hidden, d);
+        let convpass = |on: bool| plan.convpass.filter(|_| on).map(|c| Convpass::new(d, c.dim, c.scale, &device));
+        block.convpass_attn = convpass(plan.convpass.is_some_and(|c| c.attn));
+        block.convpass_mlp = convpass(plan.convpass.is_some_and(|c| c.mlp));
     }
     let patterns = trainable_patterns(plan);
     let model = model.no_grad();

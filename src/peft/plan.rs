@@ -120,6 +120,25 @@ impl Default for LoraSpec {
     }
 }
 
+/// Convpass adapters (Jie & Deng 2022) in every block.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ConvpassSpec {
+    /// Bottleneck width (8 in the paper).
+    pub dim: usize,
+    /// The paper's `s`, chosen per dataset from {0.01, 0.1, 1, 10, 100} (10 for EuroSAT).
+    pub scale: f64,
+    /// Beside the attention.
+    pub attn: bool,
+    /// Beside the MLP.
+    pub mlp: bool,
+}
+
+impl Default for ConvpassSpec {
+    fn default() -> Self {
+        Self { dim: 8, scale: 10.0, attn: true, mlp: true }
+    }
+}
+
 /// What trains. Serialised in the run config (`[plan]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdaptationPlan {
@@ -133,6 +152,9 @@ pub struct AdaptationPlan {
     pub patch_embed: bool,
     pub pos_embed: bool,
     pub mask_token: bool,
+    /// Convpass adapters in every block (trainable; they cannot be merged into the weights).
+    #[serde(default)]
+    pub convpass: Option<ConvpassSpec>,
 }
 
 /// Named starting points.
@@ -192,6 +214,7 @@ impl AdaptationPlan {
             patch_embed: false,
             pos_embed: false,
             mask_token: false,
+            convpass: None,
         }
     }
 
@@ -284,6 +307,17 @@ impl AdaptationPlan {
                 return Err(plan_error("lora.dropout", "must be in [0, 1)"));
             }
         }
+        if let Some(c) = &self.convpass {
+            if c.dim == 0 || c.dim > config.embed_dim {
+                return Err(plan_error("convpass.dim", format!("{} must be in 1..={}", c.dim, config.embed_dim)));
+            }
+            if !c.attn && !c.mlp {
+                return Err(plan_error("convpass", "is on but neither attn nor mlp is chosen"));
+            }
+            if !c.scale.is_finite() {
+                return Err(plan_error("convpass.scale", "must be a finite number"));
+            }
+        }
         if self.register_tokens && config.num_registers == 0 {
             return Err(plan_error("register_tokens", "the model has no register tokens to train"));
         }
@@ -320,6 +354,13 @@ impl AdaptationPlan {
             rows.push(BudgetRow::new(
                 format!("LoRA r={} on {} of {lora_blocks} blocks", self.lora.rank, self.lora.targets),
                 lora_blocks * per_block,
+            ));
+        }
+        if let Some(c) = &self.convpass {
+            let sites = usize::from(c.attn) + usize::from(c.mlp);
+            rows.push(BudgetRow::new(
+                format!("Convpass k={} ({} per block) in {} blocks", c.dim, if sites == 2 { "attn+mlp" } else if c.attn { "attn" } else { "mlp" }, config.depth),
+                config.depth * sites * crate::model::Convpass::num_params(config.embed_dim, c.dim),
             ));
         }
         if self.norms {

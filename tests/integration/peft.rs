@@ -182,3 +182,28 @@ fn adapter_files_are_small_reapply_exactly_and_export_merged() {
     let diff = max_abs_diff(&features(&exported, x), &expected);
     assert!(diff < 1e-4, "exported model differs by {diff}");
 }
+
+#[test]
+fn convpass_starts_as_identity_trains_and_is_counted() {
+    use explora::peft::ConvpassSpec;
+    let device = device().autodiff();
+    let config = VitConfig { num_registers: 1, ..VitConfig::tiny() };
+    let base = config.init(&device);
+    let mut plan = AdaptationPlan::preset(Preset::Linear, &config);
+    plan.convpass = Some(ConvpassSpec::default());
+    let model = apply_plan(base.clone(), &plan).unwrap();
+    let x = images(&device);
+    assert!(max_abs_diff(&features(&model, x.clone()), &features(&base, x.clone())) < 1e-6, "zero-initialised up-projection");
+    let out = model.forward(x, ForwardOptions::default());
+    let grads = (out.cls.sum() + out.patches.powf_scalar(2.0).sum()).backward();
+    let mut check = GradCheck { grads: &grads, path: Vec::new(), seen: Vec::new() };
+    model.visit(&mut check);
+    let trained: Vec<&str> = check.seen.iter().filter(|(_, g)| *g).map(|(n, _)| n.as_str()).collect();
+    assert!(trained.iter().all(|n| n.contains(".convpass_")), "{trained:?}");
+    for name in ["blocks.0.convpass_attn.up.weight", "blocks.3.convpass_mlp.conv.weight", "blocks.2.convpass_mlp.down.bias"] {
+        assert!(trained.contains(&name), "{name}: {trained:?}");
+    }
+    // 4 blocks × 2 sites × (64·8+8 + 8·8·9+8 + 8·64+64)
+    assert_eq!(plan.budget(&config).trainable, 4 * 2 * (520 + 584 + 576));
+    assert_eq!(plan.budget(&config).trainable, count_trainable(&model, &plan));
+}
