@@ -144,6 +144,10 @@ pub struct PlanArgs {
     /// Convpass scale s (the paper picks it per dataset; 10 for EuroSAT).
     #[arg(long, default_value_t = 10.0)]
     pub convpass_scale: f64,
+    /// Add a learnable-memory task with this many memory tokens per layer (and its own class
+    /// token); the original outputs stay unchanged.
+    #[arg(long)]
+    pub memory_tokens: Option<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -296,8 +300,8 @@ fn export_cmd(choice: &DeviceChoice, args: ExportArgs) -> anyhow::Result<()> {
         model = adapted;
     }
     anyhow::ensure!(
-        !model.blocks.iter().any(|b| b.convpass_attn.is_some() || b.convpass_mlp.is_some()),
-        "Convpass adapters are non-linear and cannot be merged into plain weights; keep the adapter file \
+        !model.blocks.iter().any(|b| b.convpass_attn.is_some() || b.convpass_mlp.is_some()) && model.tasks.is_empty(),
+        "Convpass adapters and memory tokens cannot be merged into plain weights; keep the adapter file \
          and re-apply it over the base checkpoint instead"
     );
     let model = crate::peft::merge_lora(model);
@@ -390,6 +394,9 @@ fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
     }
     if let Some(dim) = args.convpass {
         plan.convpass = Some(crate::peft::ConvpassSpec { dim, scale: args.convpass_scale, ..Default::default() });
+    }
+    if args.memory_tokens.is_some() {
+        plan.memory_tokens = args.memory_tokens;
     }
     plan.validate(&config)?;
     let budget = plan.budget(&config);

@@ -30,8 +30,8 @@ pub fn cls_attention(model: &Vit, image: Tensor<4>, layer: usize, head: Option<u
     let out = model.forward(image, ForwardOptions { mask: None, attention_layers: vec![layer] });
     let (rows, cols) = out.grid;
     let (_, probs) = out.attentions.into_iter().next().expect("requested layer");
-    let [_, heads, tokens, _] = probs.dims();
-    let first_patch = tokens - rows * cols;
+    let [_, heads, _, _] = probs.dims();
+    let first_patch = 1 + config.num_registers;
     // [1, H, T, T] → CLS row over patch columns: [H, rows·cols]
     let cls_row = probs.narrow(2, 0, 1).narrow(3, first_patch, rows * cols).reshape([heads, rows * cols]);
     let selected = match head {

@@ -38,19 +38,27 @@ impl Convpass {
         }
     }
 
-    /// `[B, 1 + R + rows·cols, D]` → same shape. `prefix` = 1 + R tokens before the patches.
+    /// `[B, prefix + rows·cols + suffix, D]` → same shape: `prefix` tokens (CLS, registers)
+    /// before the patch grid, any task class tokens after it.
     pub fn forward(&self, x: Tensor<3>, prefix: usize, grid: (usize, usize)) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (rows, cols) = grid;
-        assert_eq!(t, prefix + rows * cols, "Convpass needs [prefix tokens, patch grid]");
+        let n = rows * cols;
+        assert!(t >= prefix + n, "Convpass needs [prefix tokens, patch grid, …]");
+        let suffix = t - prefix - n;
         let h = quick_gelu(self.down.forward(x)); // [B, T, k]
         let k = h.dims()[2];
-        let patches = h.clone().narrow(1, prefix, rows * cols).swap_dims(1, 2).reshape([b, k, rows, cols]);
-        let patches = self.conv.forward(patches).reshape([b, k, rows * cols]).swap_dims(1, 2);
-        // Each prefix token as a 1×1 image: only the centre tap of the 3×3 kernel sees it.
-        let tokens = h.narrow(1, 0, prefix).reshape([b * prefix, k, 1, 1]);
-        let tokens = self.conv.forward(tokens).reshape([b, prefix, k]);
-        let h = quick_gelu(Tensor::cat(vec![tokens, patches], 1));
+        let patches = h.clone().narrow(1, prefix, n).swap_dims(1, 2).reshape([b, k, rows, cols]);
+        let patches = self.conv.forward(patches).reshape([b, k, n]).swap_dims(1, 2);
+        // Every other token as a 1×1 image: only the centre tap of the 3×3 kernel sees it.
+        let single = |tokens: Tensor<3>, count: usize| {
+            self.conv.forward(tokens.reshape([b * count, k, 1, 1])).reshape([b, count, k])
+        };
+        let mut parts = vec![single(h.clone().narrow(1, 0, prefix), prefix), patches];
+        if suffix > 0 {
+            parts.push(single(h.narrow(1, prefix + n, suffix), suffix));
+        }
+        let h = quick_gelu(Tensor::cat(parts, 1));
         self.up.forward(h).mul_scalar(self.scale)
     }
 

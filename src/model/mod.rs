@@ -5,11 +5,13 @@
 mod config;
 mod convpass;
 mod lora;
+mod memory;
 mod pos_embed;
 mod vit;
 
 pub use config::{Family, VitConfig, VitConfigError};
 pub use convpass::Convpass;
 pub use lora::Lora;
+pub use memory::{MemoryTask, memory_mask};
 pub use pos_embed::bicubic_weights;
-pub use vit::{Block, ForwardOptions, TokenLayout, Vit, VitOutput};
+pub use vit::{Block, ForwardOptions, LayerMemory, TokenLayout, Vit, VitOutput};

@@ -11,6 +11,7 @@ use burn::tensor::{Bool, Device, Tensor, TensorData};
 use super::config::VitConfig;
 use super::convpass::Convpass;
 use super::lora::Lora;
+use super::memory::{MemoryTask, memory_mask};
 use super::pos_embed::bicubic_weights;
 
 const INIT_STD: f64 = 0.02;
@@ -58,19 +59,35 @@ fn adapted<const D: usize>(y: Tensor<D>, lora: &Option<Lora>, x: &Tensor<D>) -> 
 }
 
 impl Attention {
-    /// `[B, N, D]` → `[B, N, D]`, plus the attention probabilities `[B, heads, N, N]` when asked.
-    pub fn forward(&self, x: Tensor<3>, return_probs: bool) -> (Tensor<3>, Option<Tensor<4>>) {
+    /// `[B, N, D]` → `[B, N, D]`, plus the attention probabilities `[B, heads, N, N + M]` when
+    /// asked. `extra` (`[B, M, D]`, already normalised) adds keys/values that issue no query
+    /// (memory tokens); `bias` (`[N, N + M]`) is added to the attention scores (masking).
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        extra: Option<Tensor<3>>,
+        bias: Option<Tensor<2>>,
+        return_probs: bool,
+    ) -> (Tensor<3>, Option<Tensor<4>>) {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         let dh = d / h;
-        let qkv = self.qkv.forward(x.clone()); // [B, N, 3D]: q, k, v
-        let q = adapted(qkv.clone().narrow(2, 0, d), &self.lora_q, &x);
-        let k = adapted(qkv.clone().narrow(2, d, d), &self.lora_k, &x);
-        let v = adapted(qkv.narrow(2, 2 * d, d), &self.lora_v, &x);
-        let heads = |t: Tensor<3>| t.reshape([b, n, h, dh]).swap_dims(1, 2); // [B, H, N, Dh]
-        let scores = heads(q).mul_scalar((dh as f64).powf(-0.5)).matmul(heads(k).swap_dims(2, 3));
+        let kv_input = match extra {
+            Some(extra) => Tensor::cat(vec![x.clone(), extra], 1),
+            None => x.clone(),
+        };
+        let nk = kv_input.dims()[1];
+        let qkv = self.qkv.forward(kv_input.clone()); // [B, NK, 3D]: q, k, v
+        let q = adapted(qkv.clone().narrow(1, 0, n).narrow(2, 0, d), &self.lora_q, &x);
+        let k = adapted(qkv.clone().narrow(2, d, d), &self.lora_k, &kv_input);
+        let v = adapted(qkv.narrow(2, 2 * d, d), &self.lora_v, &kv_input);
+        let heads = |t: Tensor<3>, len: usize| t.reshape([b, len, h, dh]).swap_dims(1, 2); // [B, H, len, Dh]
+        let mut scores = heads(q, n).mul_scalar((dh as f64).powf(-0.5)).matmul(heads(k, nk).swap_dims(2, 3));
+        if let Some(bias) = bias {
+            scores = scores + bias.unsqueeze::<4>();
+        }
         let probs = softmax(scores, 3);
-        let context = probs.clone().matmul(heads(v)).swap_dims(1, 2).reshape([b, n, d]);
+        let context = probs.clone().matmul(heads(v, nk)).swap_dims(1, 2).reshape([b, n, d]);
         let out = adapted(self.proj.forward(context.clone()), &self.lora_proj, &context);
         (out, return_probs.then_some(probs))
     }
@@ -131,17 +148,35 @@ pub struct Block {
 }
 
 /// Where the patch grid sits in the token sequence: `prefix` tokens (CLS and registers), then
-/// `rows × cols` patches.
+/// `rows × cols` patches, then any task class tokens (learnable memory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenLayout {
     pub prefix: usize,
     pub grid: (usize, usize),
 }
 
+/// One layer's memory: `[B, M, D]` tokens (before `norm1`) and the attention bias.
+#[derive(Debug, Clone)]
+pub struct LayerMemory {
+    pub tokens: Tensor<3>,
+    pub bias: Tensor<2>,
+}
+
 impl Block {
-    pub fn forward(&self, x: Tensor<3>, return_probs: bool, layout: TokenLayout) -> (Tensor<3>, Option<Tensor<4>>) {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        return_probs: bool,
+        layout: TokenLayout,
+        memory: Option<LayerMemory>,
+    ) -> (Tensor<3>, Option<Tensor<4>>) {
         let h = self.norm1.forward(x.clone());
-        let (attn, probs) = self.attn.forward(h.clone(), return_probs);
+        let (extra, bias) = match memory {
+            // Memory tokens go through the block's first norm like the tokens they sit beside.
+            Some(m) => (Some(self.norm1.forward(m.tokens)), Some(m.bias)),
+            None => (None, None),
+        };
+        let (attn, probs) = self.attn.forward(h.clone(), extra, bias, return_probs);
         let attn = match &self.ls1 {
             Some(ls) => ls.forward(attn),
             None => attn,
@@ -186,6 +221,8 @@ pub struct VitOutput {
     pub attentions: Vec<(usize, Tensor<4>)>,
     /// Patch grid `(rows, cols)`.
     pub grid: (usize, usize),
+    /// `[B, D]` class token of each learnable-memory task, in order.
+    pub task_cls: Vec<Tensor<2>>,
 }
 
 /// A DINOv2 or MAE Vision Transformer backbone.
@@ -198,6 +235,8 @@ pub struct Vit {
     pub mask_token: Option<Param<Tensor<2>>>,
     pub blocks: Vec<Block>,
     pub norm: LayerNorm,
+    /// Learnable-memory tasks sharing this backbone's forward pass (none by default).
+    pub tasks: Vec<MemoryTask>,
     #[module(skip)]
     config: VitConfig,
 }
@@ -256,6 +295,7 @@ impl VitConfig {
             mask_token: self.mask_token.then(|| Initializer::Zeros.init([1, d], device)),
             blocks,
             norm: norm(),
+            tasks: Vec::new(),
             config: self.clone(),
         }
     }
@@ -341,23 +381,46 @@ impl Vit {
     /// and register tokens after the final norm, plus the requested attention maps.
     pub fn forward(&self, images: Tensor<4>, options: ForwardOptions) -> VitOutput {
         let (mut x, grid) = self.embed_tokens(images, options.mask);
+        let [b, original, d] = x.dims();
         let layout = TokenLayout { prefix: 1 + self.config.num_registers, grid };
+        let k = self.tasks.len();
+        let (per_task, bias) = match self.tasks.first() {
+            Some(first) => {
+                // Task class tokens (with the CLS position embedding) after the original tokens.
+                let cls_pos = self.pos_embed.val().narrow(1, 0, 1);
+                let mut tokens = vec![x];
+                tokens.extend(self.tasks.iter().map(|t| (t.cls.val() + cls_pos.clone()).expand([b, 1, d])));
+                x = Tensor::cat(tokens, 1);
+                let m = first.tokens_per_layer();
+                (m, Some(memory_mask(original, k, m, &x.device())))
+            }
+            None => (0, None),
+        };
         let mut attentions = Vec::new();
         for (index, block) in self.blocks.iter().enumerate() {
             let want = options.attention_layers.contains(&index);
-            let (next, probs) = block.forward(x, want, layout);
+            let memory = bias.as_ref().map(|bias| LayerMemory {
+                tokens: Tensor::cat(
+                    self.tasks.iter().map(|t| t.memory.val().narrow(0, index, 1).reshape([1, per_task, d])).collect(),
+                    1,
+                )
+                .expand([b, k * per_task, d]),
+                bias: bias.clone(),
+            });
+            let (next, probs) = block.forward(x, want, layout, memory);
             x = next;
             if let Some(probs) = probs {
                 attentions.push((index, probs));
             }
         }
         let x = self.norm.forward(x);
-        let [b, t, d] = x.dims();
         let r = self.config.num_registers;
+        let n = grid.0 * grid.1;
         VitOutput {
             cls: x.clone().narrow(1, 0, 1).reshape([b, d]),
             registers: (r > 0).then(|| x.clone().narrow(1, 1, r)),
-            patches: x.narrow(1, 1 + r, t - 1 - r),
+            task_cls: (0..k).map(|i| x.clone().narrow(1, original + i, 1).reshape([b, d])).collect(),
+            patches: x.narrow(1, 1 + r, n),
             attentions,
             grid,
         }

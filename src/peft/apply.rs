@@ -6,7 +6,7 @@ use burn::store::ModuleSnapshot;
 use burn::tensor::Tensor;
 
 use super::plan::{AdaptationPlan, BlockMode, PlanError};
-use crate::model::{Convpass, Lora, Vit};
+use crate::model::{Convpass, Lora, MemoryTask, Vit};
 
 /// Regexes over parameter paths that select what a plan trains.
 pub fn trainable_patterns(plan: &AdaptationPlan) -> Vec<String> {
@@ -18,6 +18,9 @@ pub fn trainable_patterns(plan: &AdaptationPlan) -> Vec<String> {
     }
     if plan.blocks.contains(&BlockMode::Lora) {
         patterns.push(r"\.lora_[a-z0-9]+\.(a|b)$".into());
+    }
+    if plan.memory_tokens.is_some() {
+        patterns.push(r"^tasks\.".into());
     }
     if plan.convpass.is_some() {
         patterns.push(r"\.convpass_(attn|mlp)\.".into());
@@ -63,6 +66,10 @@ pub fn apply_plan(mut model: Vit, plan: &AdaptationPlan) -> Result<Vit, PlanErro
         let convpass = |on: bool| plan.convpass.filter(|_| on).map(|c| Convpass::new(d, c.dim, c.scale, &device));
         block.convpass_attn = convpass(plan.convpass.is_some_and(|c| c.attn));
         block.convpass_mlp = convpass(plan.convpass.is_some_and(|c| c.mlp));
+    }
+    if let Some(tokens) = plan.memory_tokens {
+        let task = MemoryTask::new(model.cls_token.val(), config.depth, tokens, &device);
+        model.tasks.push(task);
     }
     let patterns = trainable_patterns(plan);
     let model = model.no_grad();

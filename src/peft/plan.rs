@@ -155,6 +155,10 @@ pub struct AdaptationPlan {
     /// Convpass adapters in every block (trainable; they cannot be merged into the weights).
     #[serde(default)]
     pub convpass: Option<ConvpassSpec>,
+    /// A learnable-memory task: its class token plus this many memory tokens per layer
+    /// (trainable; the original outputs stay exactly unchanged).
+    #[serde(default)]
+    pub memory_tokens: Option<usize>,
 }
 
 /// Named starting points.
@@ -215,6 +219,7 @@ impl AdaptationPlan {
             pos_embed: false,
             mask_token: false,
             convpass: None,
+            memory_tokens: None,
         }
     }
 
@@ -318,6 +323,9 @@ impl AdaptationPlan {
                 return Err(plan_error("convpass.scale", "must be a finite number"));
             }
         }
+        if self.memory_tokens == Some(0) {
+            return Err(plan_error("memory_tokens", "must be at least 1 (5-10 is where the paper's gains saturate)"));
+        }
         if self.register_tokens && config.num_registers == 0 {
             return Err(plan_error("register_tokens", "the model has no register tokens to train"));
         }
@@ -361,6 +369,12 @@ impl AdaptationPlan {
             rows.push(BudgetRow::new(
                 format!("Convpass k={} ({} per block) in {} blocks", c.dim, if sites == 2 { "attn+mlp" } else if c.attn { "attn" } else { "mlp" }, config.depth),
                 config.depth * sites * crate::model::Convpass::num_params(config.embed_dim, c.dim),
+            ));
+        }
+        if let Some(m) = self.memory_tokens {
+            rows.push(BudgetRow::new(
+                format!("memory: {m} tokens × {} layers + task class token", config.depth),
+                (config.depth * m + 1) * d,
             ));
         }
         if self.norms {

@@ -207,3 +207,50 @@ fn convpass_starts_as_identity_trains_and_is_counted() {
     assert_eq!(plan.budget(&config).trainable, 4 * 2 * (520 + 584 + 576));
     assert_eq!(plan.budget(&config).trainable, count_trainable(&model, &plan));
 }
+
+#[test]
+fn memory_tasks_share_one_pass_without_changing_the_original_outputs() {
+    use explora::model::MemoryTask;
+    let device = device();
+    let config = VitConfig { num_registers: 2, ..VitConfig::tiny() };
+    let base = config.init(&device);
+    let x = images(&device);
+    let original = base.forward(x.clone(), ForwardOptions::default());
+    let (original_cls, original_patches) = (values(original.cls).1, values(original.patches).1);
+
+    // Task B, with memory moved away from its init as after training.
+    let mut with_b = base.clone();
+    let mut task_b = MemoryTask::new(base.cls_token.val(), config.depth, 5, &device);
+    task_b.memory = Param::from_tensor(Tensor::random([config.depth, 5, 64], Distribution::Normal(0.0, 1.0), &device));
+    with_b.tasks.push(task_b);
+    let out_b = with_b.forward(x.clone(), ForwardOptions { mask: None, attention_layers: vec![2] });
+    assert!(max_abs_diff(&values(out_b.cls).1, &original_cls) < 1e-6, "task B changed the original CLS");
+    assert!(max_abs_diff(&values(out_b.patches).1, &original_patches) < 1e-6, "task B changed the patches");
+    assert_eq!(out_b.task_cls.len(), 1);
+    let b_alone = values(out_b.task_cls[0].clone()).1;
+    assert!(max_abs_diff(&b_alone, &original_cls) > 1e-3, "task B's class token sees its memory");
+    // The original tokens put zero attention on task tokens and memory.
+    let (dims, probs) = values(out_b.attentions[0].1.clone());
+    let keys = dims[3];
+    let original_tokens = 1 + 2 + 64;
+    for row in probs.chunks(keys).enumerate().filter(|(i, _)| i % dims[2] < original_tokens).map(|(_, r)| r) {
+        assert!(row[original_tokens..].iter().all(|p| *p == 0.0));
+    }
+
+    // Adding task C leaves both the original outputs and task B's output unchanged.
+    let mut with_bc = with_b.clone();
+    let mut task_c = MemoryTask::new(base.cls_token.val(), config.depth, 5, &device);
+    task_c.memory = Param::from_tensor(Tensor::random([config.depth, 5, 64], Distribution::Normal(0.0, 1.0), &device));
+    with_bc.tasks.push(task_c);
+    let out_bc = with_bc.forward(x, ForwardOptions::default());
+    assert!(max_abs_diff(&values(out_bc.cls).1, &original_cls) < 1e-6);
+    assert!(max_abs_diff(&values(out_bc.task_cls[0].clone()).1, &b_alone) < 1e-5, "task C changed task B");
+    assert!(max_abs_diff(&values(out_bc.task_cls[1].clone()).1, &b_alone) > 1e-3);
+
+    // Through the plan: only the task's tokens train, and the budget counts them.
+    let mut plan = AdaptationPlan::preset(Preset::Linear, &config);
+    plan.memory_tokens = Some(5);
+    let adapted = apply_plan(base, &plan).unwrap();
+    assert_eq!(plan.budget(&config).trainable, (4 * 5 + 1) * 64);
+    assert_eq!(count_trainable(&adapted, &plan), plan.budget(&config).trainable);
+}
