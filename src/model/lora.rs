@@ -4,11 +4,12 @@
 //! projections get one, freezing and accounting are decided by `peft/`.
 
 use burn::module::{Module, Param};
-use burn::nn::Initializer;
+use burn::nn::{Dropout, DropoutConfig, Initializer};
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor};
 
-/// `scale · (x A) B` with A `[d_in, rank]`, B `[rank, d_out]`, scale = alpha / rank.
+/// `scale · (dropout(x) A) B` with A `[d_in, rank]`, B `[rank, d_out]`, scale = alpha / rank.
+/// Dropout acts only while training on an autodiff device (ExPLoRA uses none).
 ///
 /// Init as in the LoRA paper and ExPLoRA's code: A kaiming-uniform with a = √5 (uniform in
 /// ±1/√d_in), B zeros — so the adapted model equals the base model at step 0.
@@ -16,15 +17,17 @@ use burn::tensor::{Device, Tensor};
 pub struct Lora {
     pub a: Param<Tensor<2>>,
     pub b: Param<Tensor<2>>,
+    pub dropout: Dropout,
     scale: f64,
 }
 
 impl Lora {
-    pub fn new(d_in: usize, d_out: usize, rank: usize, alpha: f64, device: &Device) -> Self {
+    pub fn new(d_in: usize, d_out: usize, rank: usize, alpha: f64, dropout: f64, device: &Device) -> Self {
         let bound = 1.0 / (d_in as f64).sqrt();
         Self {
             a: Initializer::Uniform { min: -bound, max: bound }.init([d_in, rank], device),
             b: Initializer::Zeros.init([rank, d_out], device),
+            dropout: DropoutConfig::new(dropout).init(),
             scale: alpha / rank as f64,
         }
     }
@@ -39,7 +42,7 @@ impl Lora {
 
     /// The update for input `x` `[.., d_in]` → `[.., d_out]`.
     pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(linear(x, self.a.val(), None), self.b.val(), None).mul_scalar(self.scale)
+        linear(linear(self.dropout.forward(x), self.a.val(), None), self.b.val(), None).mul_scalar(self.scale)
     }
 
     /// The dense update `scale · A B` `[d_in, d_out]` (burn's weight orientation), for merging.

@@ -49,13 +49,13 @@ pub fn apply_plan(mut model: Vit, plan: &AdaptationPlan) -> Result<Vit, PlanErro
     let device = model.device();
     let config = model.config().clone();
     let t = plan.lora.targets;
-    let (rank, alpha) = (plan.lora.rank, plan.lora.alpha);
+    let (rank, alpha, dropout) = (plan.lora.rank, plan.lora.alpha, plan.lora.dropout);
     let hidden = config.mlp_hidden();
     let fc1_out = if config.swiglu { 2 * hidden } else { hidden };
     let d = config.embed_dim;
     for (block, mode) in model.blocks.iter_mut().zip(&plan.blocks) {
         let lora = |on: bool, d_in: usize, d_out: usize| {
-            (on && *mode == BlockMode::Lora).then(|| Lora::new(d_in, d_out, rank, alpha, &device))
+            (on && *mode == BlockMode::Lora).then(|| Lora::new(d_in, d_out, rank, alpha, dropout, &device))
         };
         block.attn.lora_q = lora(t.q, d, d);
         block.attn.lora_k = lora(t.k, d, d);

@@ -254,3 +254,26 @@ fn memory_tasks_share_one_pass_without_changing_the_original_outputs() {
     assert_eq!(plan.budget(&config).trainable, (4 * 5 + 1) * 64);
     assert_eq!(count_trainable(&adapted, &plan), plan.budget(&config).trainable);
 }
+
+#[test]
+fn lora_dropout_acts_only_while_training() {
+    let device = device().autodiff();
+    let config = VitConfig::tiny();
+    let mut plan = AdaptationPlan::preset(Preset::Lora, &config);
+    plan.lora.rank = 4;
+    plan.lora.dropout = 0.5;
+    let mut model = apply_plan(config.init(&device), &plan).unwrap();
+    for block in model.blocks.iter_mut() {
+        for lora in [&mut block.attn.lora_q, &mut block.attn.lora_v].into_iter().flatten() {
+            let dims = lora.b.dims();
+            lora.b = Param::from_tensor(Tensor::random(dims, Distribution::Normal(0.0, 0.5), &device)).set_require_grad(true);
+        }
+    }
+    let x = images(&device);
+    let a = features(&model, x.clone());
+    let b = features(&model, x.clone());
+    assert!(max_abs_diff(&a, &b) > 1e-4, "two training passes draw different dropout masks");
+    let eval = model.valid();
+    let x = x.without_autodiff();
+    assert_eq!(max_abs_diff(&features(&eval, x.clone()), &features(&eval, x)), 0.0, "no dropout in evaluation");
+}
