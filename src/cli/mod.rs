@@ -144,6 +144,9 @@ pub struct PlanArgs {
     /// Convpass scale s (the paper picks it per dataset; 10 for EuroSAT).
     #[arg(long, default_value_t = 10.0)]
     pub convpass_scale: f64,
+    /// Blocks that get Convpass adapters (0-based, comma-separated; default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub convpass_blocks: Option<Vec<usize>>,
     /// Add a learnable-memory task with this many memory tokens per layer (and its own class
     /// token); the original outputs stay unchanged.
     #[arg(long)]
@@ -393,7 +396,12 @@ fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         plan = plan.with_unfrozen(blocks)?;
     }
     if let Some(dim) = args.convpass {
-        plan.convpass = Some(crate::peft::ConvpassSpec { dim, scale: args.convpass_scale, ..Default::default() });
+        plan.convpass = Some(crate::peft::ConvpassSpec {
+            dim,
+            scale: args.convpass_scale,
+            blocks: args.convpass_blocks.clone(),
+            ..Default::default()
+        });
     }
     if args.memory_tokens.is_some() {
         plan.memory_tokens = args.memory_tokens;

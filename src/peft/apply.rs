@@ -53,7 +53,7 @@ pub fn apply_plan(mut model: Vit, plan: &AdaptationPlan) -> Result<Vit, PlanErro
     let hidden = config.mlp_hidden();
     let fc1_out = if config.swiglu { 2 * hidden } else { hidden };
     let d = config.embed_dim;
-    for (block, mode) in model.blocks.iter_mut().zip(&plan.blocks) {
+    for (index, (block, mode)) in model.blocks.iter_mut().zip(&plan.blocks).enumerate() {
         let lora = |on: bool, d_in: usize, d_out: usize| {
             (on && *mode == BlockMode::Lora).then(|| Lora::new(d_in, d_out, rank, alpha, dropout, &device))
         };
@@ -63,9 +63,14 @@ pub fn apply_plan(mut model: Vit, plan: &AdaptationPlan) -> Result<Vit, PlanErro
         block.attn.lora_proj = lora(t.proj, d, d);
         block.mlp.lora_fc1 = lora(t.fc1, d, fc1_out);
         block.mlp.lora_fc2 = lora(t.fc2, hidden, d);
-        let convpass = |on: bool| plan.convpass.filter(|_| on).map(|c| Convpass::new(d, c.dim, c.scale, &device));
-        block.convpass_attn = convpass(plan.convpass.is_some_and(|c| c.attn));
-        block.convpass_mlp = convpass(plan.convpass.is_some_and(|c| c.mlp));
+        let convpass = |site: fn(&super::ConvpassSpec) -> bool| {
+            plan.convpass
+                .as_ref()
+                .filter(|c| site(c) && c.covers(index))
+                .map(|c| Convpass::new(d, c.dim, c.scale, &device))
+        };
+        block.convpass_attn = convpass(|c| c.attn);
+        block.convpass_mlp = convpass(|c| c.mlp);
     }
     if let Some(tokens) = plan.memory_tokens {
         let task = MemoryTask::new(model.cls_token.val(), config.depth, tokens, &device);

@@ -120,8 +120,8 @@ impl Default for LoraSpec {
     }
 }
 
-/// Convpass adapters (Jie & Deng 2022) in every block.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// Convpass adapters (Jie & Deng 2022) in chosen blocks (all by default, as in the paper).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConvpassSpec {
     /// Bottleneck width (8 in the paper).
     pub dim: usize,
@@ -131,11 +131,21 @@ pub struct ConvpassSpec {
     pub attn: bool,
     /// Beside the MLP.
     pub mlp: bool,
+    /// Blocks that get adapters (0-based); `None` = every block.
+    #[serde(default)]
+    pub blocks: Option<Vec<usize>>,
+}
+
+impl ConvpassSpec {
+    /// Whether block `index` gets adapters.
+    pub fn covers(&self, index: usize) -> bool {
+        self.blocks.as_ref().is_none_or(|b| b.contains(&index))
+    }
 }
 
 impl Default for ConvpassSpec {
     fn default() -> Self {
-        Self { dim: 8, scale: 10.0, attn: true, mlp: true }
+        Self { dim: 8, scale: 10.0, attn: true, mlp: true, blocks: None }
     }
 }
 
@@ -322,6 +332,12 @@ impl AdaptationPlan {
             if !c.scale.is_finite() {
                 return Err(plan_error("convpass.scale", "must be a finite number"));
             }
+            if let Some(&bad) = c.blocks.iter().flatten().find(|&&b| b >= config.depth) {
+                return Err(plan_error(
+                    "convpass.blocks",
+                    format!("block {bad} is out of range: the model has blocks 0..={}", config.depth - 1),
+                ));
+            }
         }
         if self.memory_tokens == Some(0) {
             return Err(plan_error("memory_tokens", "must be at least 1 (5-10 is where the paper's gains saturate)"));
@@ -366,9 +382,10 @@ impl AdaptationPlan {
         }
         if let Some(c) = &self.convpass {
             let sites = usize::from(c.attn) + usize::from(c.mlp);
+            let blocks = (0..config.depth).filter(|&i| c.covers(i)).count();
             rows.push(BudgetRow::new(
-                format!("Convpass k={} ({} per block) in {} blocks", c.dim, if sites == 2 { "attn+mlp" } else if c.attn { "attn" } else { "mlp" }, config.depth),
-                config.depth * sites * crate::model::Convpass::num_params(config.embed_dim, c.dim),
+                format!("Convpass k={} ({} per block) in {blocks} blocks", c.dim, if sites == 2 { "attn+mlp" } else if c.attn { "attn" } else { "mlp" }),
+                blocks * sites * crate::model::Convpass::num_params(config.embed_dim, c.dim),
             ));
         }
         if let Some(m) = self.memory_tokens {

@@ -206,6 +206,16 @@ fn convpass_starts_as_identity_trains_and_is_counted() {
     // 4 blocks × 2 sites × (64·8+8 + 8·8·9+8 + 8·64+64)
     assert_eq!(plan.budget(&config).trainable, 4 * 2 * (520 + 584 + 576));
     assert_eq!(plan.budget(&config).trainable, count_trainable(&model, &plan));
+
+    // Chosen blocks only, beside the MLP only.
+    plan.convpass = Some(ConvpassSpec { attn: false, blocks: Some(vec![1, 3]), ..ConvpassSpec::default() });
+    let model = apply_plan(base.clone(), &plan).unwrap();
+    let placed: Vec<(bool, bool)> = model.blocks.iter().map(|b| (b.convpass_attn.is_some(), b.convpass_mlp.is_some())).collect();
+    assert_eq!(placed, vec![(false, false), (false, true), (false, false), (false, true)]);
+    assert_eq!(plan.budget(&config).trainable, 2 * (520 + 584 + 576));
+    assert_eq!(plan.budget(&config).trainable, count_trainable(&model, &plan));
+    plan.convpass = Some(ConvpassSpec { blocks: Some(vec![4]), ..ConvpassSpec::default() });
+    assert_eq!(apply_plan(base, &plan).unwrap_err().field, "convpass.blocks");
 }
 
 #[test]
