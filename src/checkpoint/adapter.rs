@@ -9,9 +9,10 @@ use burn::store::burn_pack::Tensor as PackTensor;
 use burn::tensor::{Bytes, DType};
 
 use super::CheckpointError;
-use super::raw::{Metadata, RawTensor, TensorMap, read_safetensors, write_safetensors};
+use super::load::raw_from_pack;
+use super::raw::{Metadata, TensorMap, read_safetensors, write_safetensors};
 use crate::model::{Vit, VitConfig};
-use crate::peft::{AdaptationPlan, apply_plan, trainable_patterns};
+use crate::peft::{AdaptationPlan, apply_plan, trainable_tensors};
 
 /// The metadata value of `format` in adapter files.
 pub const ADAPTER_FORMAT: &str = "explora-adapter-v1";
@@ -19,15 +20,9 @@ pub const ADAPTER_FORMAT: &str = "explora-adapter-v1";
 /// Writes the tensors `plan` trains in `model` (module paths, burn orientation) with the plan
 /// and the base config in the metadata, atomically.
 pub fn save_adapter(model: &Vit, plan: &AdaptationPlan, path: &Path) -> Result<(), CheckpointError> {
-    let patterns: Vec<regex::Regex> =
-        trainable_patterns(plan).iter().map(|p| regex::Regex::new(p).expect("valid pattern")).collect();
     let mut tensors = TensorMap::new();
-    for t in model.collect(None, None, false) {
-        if !patterns.iter().any(|p| p.is_match(&t.name)) {
-            continue;
-        }
-        let bytes = t.to_bytes().map_err(|e| CheckpointError::Unsupported(format!("cannot read {}: {e:?}", t.name)))?;
-        tensors.insert(t.name.clone(), RawTensor::new(t.shape.to_vec(), bytemuck::pod_collect_to_vec(&bytes[..])));
+    for t in trainable_tensors(model, plan) {
+        tensors.insert(t.name.clone(), raw_from_pack(&t)?);
     }
     let mut meta = Metadata::new();
     meta.insert("format".into(), ADAPTER_FORMAT.into());

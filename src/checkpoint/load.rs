@@ -318,24 +318,25 @@ pub fn load_backbone_with(
     Ok((model, report))
 }
 
+/// Reads a collected model tensor back to the host as f32.
+pub(crate) fn raw_from_pack(tensor: &PackTensor) -> Result<RawTensor, CheckpointError> {
+    let name = &tensor.name;
+    let bytes = tensor
+        .to_bytes()
+        .map_err(|e| CheckpointError::Unsupported(format!("cannot read parameter {name}: {e:?}")))?;
+    match tensor.dtype {
+        DType::F32 => Ok(RawTensor::new(tensor.shape.to_vec(), bytemuck::pod_collect_to_vec(&bytes[..]))),
+        other => Err(CheckpointError::Unsupported(format!("parameter {name} has dtype {other:?}"))),
+    }
+}
+
 /// The model's weights as canonical (Meta-named, PyTorch-oriented) tensors.
 pub fn canonical_from_model(model: &Vit) -> Result<TensorMap, CheckpointError> {
     let swiglu = model.config().swiglu;
     let mut out = TensorMap::new();
     for tensor in model.collect(None, None, false) {
-        let name = tensor.name.clone();
-        let shape = tensor.shape.to_vec();
-        let bytes = tensor
-            .to_bytes()
-            .map_err(|e| CheckpointError::Unsupported(format!("cannot read parameter {name}: {e:?}")))?;
-        let data: Vec<f32> = match tensor.dtype {
-            DType::F32 => bytemuck::pod_collect_to_vec(&bytes[..]),
-            other => {
-                return Err(CheckpointError::Unsupported(format!("parameter {name} has dtype {other:?}")));
-            }
-        };
-        let key = canonical_path(&name, swiglu);
-        let t = RawTensor::new(shape, data);
+        let key = canonical_path(&tensor.name, swiglu);
+        let t = raw_from_pack(&tensor)?;
         let t = if is_linear_weight(&key) && t.shape.len() == 2 { t.transposed() } else { t };
         out.insert(key, t);
     }

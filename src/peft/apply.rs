@@ -88,18 +88,22 @@ pub fn apply_plan(mut model: Vit, plan: &AdaptationPlan) -> Result<Vit, PlanErro
     Ok(model.set_require_grad_group(group, true))
 }
 
-/// Parameters a plan makes trainable in `model`, counted from the model's own tensors.
-pub fn count_trainable(model: &Vit, plan: &AdaptationPlan) -> usize {
+/// The model's tensors that `plan` trains (lazy: data is read only when asked for).
+pub fn trainable_tensors(model: &Vit, plan: &AdaptationPlan) -> Vec<burn::store::burn_pack::Tensor> {
     let patterns: Vec<regex::Regex> = trainable_patterns(plan)
         .iter()
         .map(|p| regex::Regex::new(p).expect("valid pattern"))
         .collect();
     model
         .collect(None, None, false)
-        .iter()
+        .into_iter()
         .filter(|t| patterns.iter().any(|p| p.is_match(&t.name)))
-        .map(|t| t.shape.num_elements())
-        .sum()
+        .collect()
+}
+
+/// Parameters a plan makes trainable in `model`, counted from the model's own tensors.
+pub fn count_trainable(model: &Vit, plan: &AdaptationPlan) -> usize {
+    trainable_tensors(model, plan).iter().map(|t| t.shape.num_elements()).sum()
 }
 
 fn add(param: &mut Param<Tensor<2>>, delta: Tensor<2>) {
