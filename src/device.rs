@@ -211,6 +211,13 @@ pub fn describe(device: &Device) -> String {
         .unwrap_or_else(|| format!("{device:?}"))
 }
 
+/// Whether `device` is a software rasteriser (Mesa's lavapipe/llvmpipe, SwiftShader, WARP):
+/// it works but is orders of magnitude slower than a GPU, so defaults are sized down.
+pub fn is_software(device: &Device) -> bool {
+    let name = describe(device).to_ascii_lowercase();
+    ["llvmpipe", "lavapipe", "swiftshader", "basic render", "softpipe"].iter().any(|s| name.contains(s))
+}
+
 /// Bytes currently reserved by burn's memory pools on `device`, when the backend reports it.
 pub fn memory_reserved(device: &Device) -> Option<u64> {
     device.memory_pool_usage().map(|u| u.bytes_reserved)

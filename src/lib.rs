@@ -9,4 +9,6 @@ pub mod device;
 pub mod engine;
 pub mod eval;
 pub mod model;
+pub mod objectives;
 pub mod peft;
+pub mod train;

@@ -15,6 +15,7 @@ use crate::device::{self, DeviceChoice};
 use crate::engine::{self, default_run::DefaultRun};
 use crate::eval::{attention, embed, images_tensor};
 use crate::model::VitConfig;
+use crate::train::{PretrainConfig, PretrainJob};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,8 +23,8 @@ use crate::model::VitConfig;
     version,
     about = "Adapt pre-trained Vision Transformers (DINOv2, MAE) to a new image domain with ExPLoRA, on any Vulkan, Metal or DX12 GPU",
     long_about = "Adapt pre-trained Vision Transformers (DINOv2, MAE) to a new image domain with ExPLoRA, on any \
-Vulkan, Metal or DX12 GPU.\n\nWith no command, explora runs its built-in default: a procedurally generated \
-satellite-like domain and a tiny backbone (headless; the desktop app is not built yet).",
+Vulkan, Metal or DX12 GPU.\n\nWith no command, explora runs its built-in default: a short ExPLoRA pre-training of a tiny \
+backbone on a procedurally generated satellite-like domain (headless; the desktop app is not built yet).",
     after_help = "Checkpoints: Meta DINOv2 torch-hub .pth, Hugging Face Dinov2Model safetensors (with config.json beside it), \
 MAE .pth and explora's own safetensors; the layout and architecture are detected."
 )]
@@ -59,8 +60,13 @@ pub enum Command {
     /// Write an adapted backbone as a plain checkpoint: apply an adapter file (if given), merge
     /// LoRA into the weights, save in the layout the weights came from (or --layout).
     Export(ExportArgs),
-    /// Run the built-in default (what `explora --no-gui` runs): procedural satellite-like
-    /// tiles, a tiny backbone, features, k-NN and attention maps.
+    /// ExPLoRA extended pre-training (DINOv2 objective) of a backbone on unlabelled domain
+    /// images: progress, metrics.jsonl, atomic checkpoints, adapted backbone.
+    Pretrain(Box<PretrainArgs>),
+    /// Continue a pre-training run from its newest checkpoint, exactly where it stopped.
+    Resume(ResumeArgs),
+    /// Run the built-in default (what `explora --no-gui` runs): a short ExPLoRA pre-training of
+    /// a tiny backbone on procedural satellite-like tiles, k-NN before/after, attention maps.
     Default(DefaultArgs),
 }
 
@@ -124,7 +130,7 @@ pub struct PlanArgs {
     /// explora (one unfrozen block + LoRA on Q,V elsewhere + norms + CLS), lora, linear, full,
     /// or blocks:K (the last K blocks unfrozen).
     #[arg(long, default_value = "explora")]
-    pub preset: crate::peft::Preset,
+    pub preset: String,
     /// LoRA rank.
     #[arg(long)]
     pub rank: Option<usize>,
@@ -133,7 +139,7 @@ pub struct PlanArgs {
     pub alpha: Option<f64>,
     /// LoRA targets: comma-separated q, k, v, proj, fc1, fc2 (or attn, mlp, all).
     #[arg(long)]
-    pub targets: Option<crate::peft::LoraTargets>,
+    pub targets: Option<String>,
     /// Blocks to unfreeze instead of the preset's (0-based, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub unfreeze: Option<Vec<usize>>,
@@ -173,16 +179,94 @@ pub struct ExportArgs {
     pub layout: String,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct DefaultArgs {
     /// Run folder (default: runs/default-<UTC time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Procedural tiles generated per scene class.
-    #[arg(long, default_value_t = 40)]
-    pub tiles_per_class: usize,
+    /// Optimizer steps (default 200; 24 on software Vulkan).
+    #[arg(long)]
+    pub steps: Option<u64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// Pre-training flags; each overrides the config file (or the defaults).
+#[derive(Args, Debug, Default)]
+pub struct PretrainArgs {
+    /// TOML run config (see `--print-config` for every field with its default).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Backbone checkpoint: Meta DINOv2 .pth, Hugging Face safetensors, MAE .pth or explora
+    /// safetensors. Without weights (and without --config) the built-in tiny run is used.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Architecture preset (inferred from the checkpoint when omitted).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Folder of unlabelled domain images (any tree; class folders are ignored). Without it,
+    /// procedural satellite-like tiles.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Run folder (default: runs/pretrain-<UTC time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Images per micro-batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Micro-batches per optimizer step (effective batch = batch × accumulation).
+    #[arg(long)]
+    pub accumulation: Option<usize>,
+    /// Base learning rate at the reference batch (1024; sqrt-scaled to the effective batch).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Blocks to unfreeze fully (0-based, comma-separated; default: the last).
+    #[arg(long, value_delimiter = ',')]
+    pub unfreeze: Option<Vec<usize>>,
+    /// LoRA rank on Q,V of the other blocks (paper: 64).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Add random 90° rotations and vertical flips (symmetries of overhead imagery).
+    #[arg(long)]
+    pub overhead: bool,
+    /// Global and local crop sizes in pixels (multiples of the patch size; paper: 224,98).
+    #[arg(long, value_delimiter = ',')]
+    pub crops: Option<Vec<u32>>,
+    /// Local crops per image (paper: 8).
+    #[arg(long)]
+    pub local_crops: Option<usize>,
+    /// Number of prototypes of the DINO/iBOT head (paper: 65536).
+    #[arg(long)]
+    pub prototypes: Option<usize>,
+    /// Centering of teacher outputs: softmax (default) or sinkhorn-knopp.
+    #[arg(long)]
+    pub centering: Option<String>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write a checkpoint every N steps.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Labelled ImageFolder for the periodic k-NN monitor.
+    #[arg(long)]
+    pub knn_images: Option<PathBuf>,
+    /// Run the k-NN monitor every N steps (0 = never).
+    #[arg(long)]
+    pub knn_every: Option<u64>,
+    /// Print the resolved run config as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// The run folder of an earlier `pretrain` (or default) run.
+    pub run: PathBuf,
+    /// Train up to this many steps in total (extends a finished run).
+    #[arg(long)]
+    pub steps: Option<u64>,
 }
 
 /// Entry point of the binary.
@@ -227,11 +311,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Plan(args)) => plan_cmd(args),
         Some(Command::Export(args)) => export_cmd(&cli.device, args),
         Some(Command::Default(args)) => default_cmd(&cli.device, args),
+        Some(Command::Pretrain(args)) => pretrain_cmd(&cli.device, *args),
+        Some(Command::Resume(args)) => resume_cmd(&cli.device, args),
         None => {
             if !cli.no_gui {
                 eprintln!("explora: the desktop app is not built yet; running the built-in default headless.");
             }
-            default_cmd(&cli.device, DefaultArgs { out: None, tiles_per_class: 40, seed: 0 })
+            default_cmd(&cli.device, DefaultArgs::default())
         }
     }
 }
@@ -380,40 +466,26 @@ fn attention_cmd(choice: &DeviceChoice, args: AttentionArgs) -> anyhow::Result<(
 }
 
 fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
-    use crate::peft::AdaptationPlan;
     let config = parse_arch(&Some(args.arch.clone()))?.expect("given");
-    let mut plan = AdaptationPlan::preset(args.preset, &config);
-    if let Some(rank) = args.rank {
-        plan.lora.rank = rank;
-    }
-    if let Some(alpha) = args.alpha {
-        plan.lora.alpha = alpha;
-    }
-    if let Some(targets) = args.targets {
-        plan.lora.targets = targets;
-    }
-    if let Some(blocks) = &args.unfreeze {
-        plan = plan.with_unfrozen(blocks)?;
-    }
-    if let Some(dim) = args.convpass {
-        plan.convpass = Some(crate::peft::ConvpassSpec {
-            dim,
-            scale: args.convpass_scale,
-            blocks: args.convpass_blocks.clone(),
-            ..Default::default()
-        });
-    }
-    if args.memory_tokens.is_some() {
-        plan.memory_tokens = args.memory_tokens;
-    }
-    plan.validate(&config)?;
+    let spec = crate::peft::PlanSpec {
+        preset: args.preset.clone(),
+        unfreeze: args.unfreeze.clone(),
+        lora_rank: args.rank,
+        lora_alpha: args.alpha,
+        lora_targets: args.targets.clone(),
+        convpass: args.convpass,
+        convpass_scale: args.convpass_scale,
+        convpass_blocks: args.convpass_blocks.clone(),
+        memory_tokens: args.memory_tokens,
+    };
+    let plan = spec.resolve(&config)?;
     let budget = plan.budget(&config);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "arch": config.name, "plan": plan, "budget": budget }))?);
         return Ok(());
     }
     println!(
-        "{} ({} blocks, width {}): {} parameters; preset {:?}",
+        "{} ({} blocks, width {}): {} parameters; preset {}",
         config.name,
         config.depth,
         config.embed_dim,
@@ -461,12 +533,98 @@ fn default_cmd(choice: &DeviceChoice, args: DefaultArgs) -> anyhow::Result<()> {
     let device = device::open(choice)?;
     eprintln!("device: {}", device::describe(&device));
     let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("default-{}", utc_stamp())));
-    let mut job = DefaultRun::new(out);
-    job.tiles_per_class = args.tiles_per_class;
-    job.seed = args.seed;
+    let mut job = DefaultRun::for_device(out, &device);
+    job.config.run.seed = args.seed;
+    if let Some(steps) = args.steps {
+        job.config.run.steps = steps;
+    }
     let handle = engine::spawn("default", move |ctx| engine::default_run::run(&job, &device, ctx));
     output::follow(handle)
 }
+
+/// The run config a `pretrain` invocation asks for: the file (or the defaults) plus flags.
+pub fn pretrain_config(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
+    let mut c = match &args.config {
+        Some(path) => PretrainConfig::load(path)?,
+        None if args.weights.is_none() && args.arch.is_none() => PretrainConfig::builtin(),
+        None => PretrainConfig::default(),
+    };
+    if args.weights.is_some() {
+        c.model.weights = args.weights.clone();
+        c.model.arch = None;
+    }
+    if args.arch.is_some() {
+        c.model.arch = args.arch.clone();
+    }
+    if args.images.is_some() {
+        c.data.images = args.images.clone();
+    }
+    let o = &mut c.optim;
+    o.batch = args.batch.unwrap_or(o.batch);
+    o.accumulation = args.accumulation.unwrap_or(o.accumulation);
+    o.base_lr = args.lr.unwrap_or(o.base_lr);
+    if args.unfreeze.is_some() {
+        c.plan.unfreeze = args.unfreeze.clone();
+    }
+    if args.rank.is_some() {
+        c.plan.lora_rank = args.rank;
+    }
+    c.crops.overhead |= args.overhead;
+    if let Some(sizes) = &args.crops {
+        if sizes.len() != 2 {
+            anyhow::bail!("--crops takes two sizes, global and local, e.g. --crops 224,98");
+        }
+        c.crops.global_size = sizes[0];
+        c.crops.local_size = sizes[1];
+    }
+    c.crops.local_crops = args.local_crops.unwrap_or(c.crops.local_crops);
+    c.head.prototypes = args.prototypes.unwrap_or(c.head.prototypes);
+    if let Some(centering) = &args.centering {
+        c.loss.centering = match centering.as_str() {
+            "softmax" => crate::objectives::Centering::Softmax,
+            "sinkhorn-knopp" | "sinkhorn" => crate::objectives::Centering::SinkhornKnopp,
+            other => anyhow::bail!("--centering {other}: use softmax or sinkhorn-knopp"),
+        };
+    }
+    c.run.steps = args.steps.unwrap_or(c.run.steps);
+    c.run.seed = args.seed.unwrap_or(c.run.seed);
+    c.run.checkpoint_every = args.checkpoint_every.unwrap_or(c.run.checkpoint_every);
+    if args.knn_images.is_some() {
+        c.monitor.knn_images = args.knn_images.clone();
+        if c.monitor.knn_every == 0 {
+            c.monitor.knn_every = 500;
+        }
+    }
+    c.monitor.knn_every = args.knn_every.unwrap_or(c.monitor.knn_every);
+    Ok(c)
+}
+
+fn pretrain_cmd(choice: &DeviceChoice, args: PretrainArgs) -> anyhow::Result<()> {
+    let config = pretrain_config(&args)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    config.validate()?;
+    let device = device::open(choice)?;
+    eprintln!("device: {}", device::describe(&device));
+    let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("pretrain-{}", utc_stamp())));
+    let job = PretrainJob { config, out, resume: false };
+    let handle = engine::spawn("pretrain", move |ctx| crate::train::run(&job, &device, ctx));
+    output::follow(handle)
+}
+
+fn resume_cmd(choice: &DeviceChoice, args: ResumeArgs) -> anyhow::Result<()> {
+    let mut job = PretrainJob::resume(&args.run)?;
+    if let Some(steps) = args.steps {
+        job.config.run.steps = steps;
+    }
+    let device = device::open(choice)?;
+    eprintln!("device: {}", device::describe(&device));
+    let handle = engine::spawn("pretrain", move |ctx| crate::train::run(&job, &device, ctx));
+    output::follow(handle)
+}
+
 
 /// `YYYYmmdd-HHMMSS` in UTC, for run folder names.
 fn utc_stamp() -> String {

@@ -13,6 +13,7 @@ pub fn follow(handle: JobHandle) -> anyhow::Result<()> {
     let mut bar: Option<ProgressBar> = None;
     let mut phase = String::new();
     let mut last_line = Instant::now() - Duration::from_secs(60);
+    let mut last_metrics = Instant::now() - Duration::from_secs(60);
     let mut result = Ok(());
     let say = |bar: &Option<ProgressBar>, line: String| match bar {
         Some(bar) => bar.println(line),
@@ -55,6 +56,22 @@ pub fn follow(handle: JobHandle) -> anyhow::Result<()> {
             Event::Log { level, message } => {
                 let prefix = if level == Level::Warn { "warning: " } else { "" };
                 say(&bar, format!("{prefix}{message}"));
+            }
+            Event::Metrics { step, values } => {
+                let shown: Vec<String> = values
+                    .iter()
+                    .filter(|(k, _)| matches!(k.as_str(), "loss" | "knn_top1"))
+                    .map(|(k, v)| if k == "knn_top1" { format!("k-NN {:.1}%", 100.0 * v) } else { format!("{k} {v:.4}") })
+                    .collect();
+                match &bar {
+                    Some(b) => b.set_message(format!("{phase} {}", shown.join(", "))),
+                    None => {
+                        if values.iter().any(|(k, _)| k == "knn_top1") || last_metrics.elapsed() > Duration::from_secs(5) {
+                            last_metrics = Instant::now();
+                            eprintln!("  step {step}: {}", shown.join(", "));
+                        }
+                    }
+                }
             }
             Event::Artifact { label, path } => say(&bar, format!("wrote {label}: {}", path.display())),
             Event::Paused(paused) => say(&bar, if paused { "paused".into() } else { "resumed".into() }),

@@ -2,12 +2,18 @@
 //! procedurally generated satellite-like domain. This module knows nothing about the model.
 
 pub mod folder;
+pub mod multicrop;
 pub mod preprocess;
 pub mod procedural;
 
 use std::path::PathBuf;
 
 pub use folder::{ImageItem, ImageList, SkipReport, decode_rgb};
+pub use multicrop::{
+    BatchSpec, CropBatch, CropLoader, Crops, FieldError, FolderSource, ImageSource, MaskConfig,
+    MultiCropConfig, ProceduralSource, augment, block_mask, build_batch, contact_sheet,
+    masked_crops, max_masked,
+};
 pub use preprocess::{Preprocess, denormalize_chw_to_rgb, load_batch, normalize_chw};
 pub use procedural::{ProceduralDomain, SceneClass, generate_image_folder, generate_tile};
 
@@ -36,6 +42,9 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
+    /// Invalid settings or a data stream that cannot go on (e.g. too many unreadable files).
+    #[error("{reason}")]
+    Invalid { reason: String },
 }
 
 impl DataError {
@@ -52,7 +61,9 @@ impl DataError {
         match self {
             DataError::NotFound { .. } => "does not exist".to_string(),
             DataError::NoImages { .. } => "no images".to_string(),
-            DataError::Decode { reason, .. } | DataError::Encode { reason, .. } => reason.clone(),
+            DataError::Decode { reason, .. }
+            | DataError::Encode { reason, .. }
+            | DataError::Invalid { reason } => reason.clone(),
             DataError::Io { source, .. } => source.to_string(),
         }
     }

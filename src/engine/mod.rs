@@ -17,6 +17,9 @@ pub enum Event {
     Progress { done: u64, total: Option<u64>, per_second: f64 },
     /// A human-readable line (what the CLI logs and the app shows in its log view).
     Log { level: Level, message: String },
+    /// Training metrics after optimizer step `step` (loss parts, learning rate, k-NN, ...):
+    /// what the app plots and the CLI shows beside the progress bar.
+    Metrics { step: u64, values: Vec<(String, f64)> },
     /// A file the job wrote that a person may want to open.
     Artifact { label: String, path: PathBuf },
     /// The job paused or resumed (after a command).

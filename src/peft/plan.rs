@@ -171,6 +171,75 @@ pub struct AdaptationPlan {
     pub memory_tokens: Option<usize>,
 }
 
+/// What the user asks for, before it meets a model: a preset plus overrides. The run config's
+/// `[plan]` section and the `explora plan` flags both resolve through [`PlanSpec::resolve`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlanSpec {
+    /// explora, lora, linear, full or blocks:K.
+    pub preset: String,
+    /// Blocks to unfreeze instead of the preset's (0-based).
+    pub unfreeze: Option<Vec<usize>>,
+    pub lora_rank: Option<usize>,
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated q, k, v, proj, fc1, fc2 (or attn, mlp, all).
+    pub lora_targets: Option<String>,
+    /// Convpass bottleneck width (adapters on every block unless `convpass_blocks`).
+    pub convpass: Option<usize>,
+    pub convpass_scale: f64,
+    pub convpass_blocks: Option<Vec<usize>>,
+    pub memory_tokens: Option<usize>,
+}
+
+impl Default for PlanSpec {
+    fn default() -> Self {
+        Self {
+            preset: "explora".into(),
+            unfreeze: None,
+            lora_rank: None,
+            lora_alpha: None,
+            lora_targets: None,
+            convpass: None,
+            convpass_scale: 10.0,
+            convpass_blocks: None,
+            memory_tokens: None,
+        }
+    }
+}
+
+impl PlanSpec {
+    /// The concrete, validated plan for a model with `config`.
+    pub fn resolve(&self, config: &VitConfig) -> Result<AdaptationPlan, PlanError> {
+        let preset: Preset = self.preset.parse().map_err(|e: String| plan_error("preset", e))?;
+        let mut plan = AdaptationPlan::preset(preset, config);
+        if let Some(rank) = self.lora_rank {
+            plan.lora.rank = rank;
+        }
+        if let Some(alpha) = self.lora_alpha {
+            plan.lora.alpha = alpha;
+        }
+        if let Some(targets) = &self.lora_targets {
+            plan.lora.targets = targets.parse().map_err(|e: String| plan_error("lora_targets", e))?;
+        }
+        if let Some(blocks) = &self.unfreeze {
+            plan = plan.with_unfrozen(blocks)?;
+        }
+        if let Some(dim) = self.convpass {
+            plan.convpass = Some(ConvpassSpec {
+                dim,
+                scale: self.convpass_scale,
+                blocks: self.convpass_blocks.clone(),
+                ..Default::default()
+            });
+        }
+        if self.memory_tokens.is_some() {
+            plan.memory_tokens = self.memory_tokens;
+        }
+        plan.validate(config)?;
+        Ok(plan)
+    }
+}
+
 /// Named starting points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {

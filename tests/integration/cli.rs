@@ -96,18 +96,67 @@ fn attention_writes_a_heatmap_overlay() {
 }
 
 #[test]
-fn the_default_run_writes_its_results() {
+fn the_default_run_pretrains_and_writes_its_results() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let out = explora(&["--no-gui", "default", "--tiles-per-class", "6", "--out", run.to_str().unwrap()]);
+    let out = explora(&["--no-gui", "default", "--steps", "3", "--out", run.to_str().unwrap()]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("default run finished: 30 tiles embedded"), "{t}");
-    for file in ["config.toml", "backbone.safetensors", "features.safetensors", "report.md", "attention_water.png"] {
+    assert!(t.contains("default run finished: ExPLoRA pre-training of the tiny backbone, 3 steps"), "{t}");
+    assert!(t.contains("k-NN top-1") && t.contains("explora --no-gui pretrain --weights"), "{t}");
+    for file in [
+        "config.toml",
+        "metrics.jsonl",
+        "base.safetensors",
+        "backbone.safetensors",
+        "adapter.safetensors",
+        "report.md",
+        "batch-preview.png",
+        "attention_water.png",
+        "checkpoints/step-0000003.safetensors",
+    ] {
         assert!(run.join(file).exists(), "{file} missing; output: {t}");
     }
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
-    assert!(report.contains("10-NN accuracy"), "{report}");
+    assert!(report.contains("k-NN top-1") && report.contains("steps: 3"), "{report}");
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    for key in ["loss", "dino", "ibot", "koleo", "lr", "wd", "teacher_temp", "momentum", "img_per_s", "knn_top1"] {
+        assert!(last.get(key).is_some(), "metrics lack {key}: {last}");
+    }
+    // The run folder's config is a complete, valid pretrain config.
+    let config = explora::train::PretrainConfig::load(&run.join("config.toml")).unwrap();
+    config.validate().unwrap();
+    assert_eq!(config.run.steps, 3);
+}
+
+#[test]
+fn pretrain_configs_and_flags_are_checked_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = explora(&["pretrain", "--print-config", "--steps", "7", "--overhead"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let config: explora::train::PretrainConfig = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(config.run.steps, 7);
+    assert!(config.crops.overhead);
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[optim]\nbatch = 8\nlearning_rate = 0.1\n").unwrap();
+    let out = explora(&["--no-gui", "pretrain", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("learning_rate"), "{}", text(&out));
+
+    std::fs::write(&bad, "[model]\narch = \"tiny\"\n[masks]\nratio = [0.6, 0.2]\n").unwrap();
+    let out = explora(&["--no-gui", "pretrain", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("masks.ratio"), "{}", text(&out));
+
+    let out = explora(&["--no-gui", "pretrain", "--images", "/no/such/folder"]);
+    assert!(text(&out).contains("`data.images` /no/such/folder is not a folder"), "{}", text(&out));
+
+    let out = explora(&["--no-gui", "resume", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("is not a run folder"), "{}", text(&out));
 }
 
 #[test]

@@ -7,4 +7,5 @@ mod common;
 mod model;
 mod parity;
 mod peft;
+mod pretrain;
 mod real_checkpoint;

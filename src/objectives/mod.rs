@@ -1,0 +1,11 @@
+//! Self-supervised objectives: the DINO/iBOT head and losses, KoLeo, centering (softmax and
+//! Sinkhorn-Knopp) and the EMA teacher of DINOv2, which ExPLoRA continues on a new domain.
+
+mod dino;
+mod head;
+mod loss;
+pub mod params;
+
+pub use dino::{Centers, DinoModel, LossConfig, StepInputs, StepLoss, ema_update, step_loss};
+pub use head::{DinoHead, HeadConfig};
+pub use loss::{Centering, MaskedPatches, centered_softmax, dino_loss, ibot_loss, koleo, sinkhorn_knopp, update_center};

@@ -1,0 +1,131 @@
+//! Walking a module's float parameters by path (`backbone.blocks.3.attn.lora_q.a`), flattened
+//! to 1-D: the plumbing behind the EMA teacher, the optimizer and training checkpoints.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Gradients, Tensor};
+
+struct Path(Vec<String>);
+
+impl Path {
+    fn enter(&mut self, name: &str) {
+        self.0.push(name.to_string());
+    }
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+    fn name(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+fn flat<const D: usize>(t: Tensor<D>) -> Tensor<1> {
+    let n = t.shape().num_elements();
+    t.reshape([n])
+}
+
+struct Visit<'a, F> {
+    path: Path,
+    f: &'a mut F,
+}
+
+impl<F: FnMut(&str, Tensor<1>, bool)> ModuleVisitor for Visit<'_, F> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val();
+        let trainable = t.is_require_grad();
+        (self.f)(&self.path.name(), flat(t.inner()), trainable);
+    }
+}
+
+/// Calls `f(path, values, trainable)` for every float parameter; `values` is the flattened
+/// tensor without autodiff.
+pub fn for_each_param<M: Module>(module: &M, mut f: impl FnMut(&str, Tensor<1>, bool)) {
+    module.visit(&mut Visit { path: Path(Vec::new()), f: &mut f });
+}
+
+/// The trainable (`require_grad`) parameters of `module`, by path, flattened, without autodiff.
+pub fn trainable_params<M: Module>(module: &M) -> HashMap<String, Tensor<1>> {
+    let mut out = HashMap::new();
+    for_each_param(module, |name, t, trainable| {
+        if trainable {
+            out.insert(name.to_string(), t);
+        }
+    });
+    out
+}
+
+struct Map<'a, F> {
+    path: Path,
+    f: &'a mut F,
+}
+
+impl<F: FnMut(&str, Tensor<1>) -> Option<Tensor<1>>> ModuleMapper for Map<'_, F> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let dims = tensor.dims();
+        let (autodiff, require_grad) = (tensor.is_autodiff(), tensor.is_require_grad());
+        let Some(new) = (self.f)(&self.path.name(), flat(tensor.clone().inner())) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let mut new: Tensor<D> = new.inner().reshape(dims);
+        if autodiff {
+            new = new.autodiff();
+        }
+        if require_grad {
+            new = new.require_grad();
+        }
+        Param::from_mapped_value(id, new, mapper)
+    }
+}
+
+/// Replaces parameters: `f(path, current)` returns the new flattened values (same length, on
+/// the parameter's device) or `None` to keep the parameter. Autodiff and `require_grad` are
+/// kept as they were.
+pub fn map_params<M: Module>(module: M, mut f: impl FnMut(&str, Tensor<1>) -> Option<Tensor<1>>) -> M {
+    module.map(&mut Map { path: Path(Vec::new()), f: &mut f })
+}
+
+struct Grads<'a> {
+    path: Path,
+    grads: &'a Gradients,
+    out: &'a mut HashMap<String, Tensor<1>>,
+}
+
+impl ModuleVisitor for Grads<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = param.val().grad(self.grads) {
+            let g = flat(g);
+            let name = self.path.name();
+            let sum = match self.out.remove(&name) {
+                Some(previous) => previous + g,
+                None => g,
+            };
+            self.out.insert(name, sum);
+        }
+    }
+}
+
+/// Adds the gradients of `module`'s parameters in `grads` to `into` (by path, flattened):
+/// called once per micro-batch, it accumulates.
+pub fn accumulate_grads<M: Module>(module: &M, grads: &Gradients, into: &mut HashMap<String, Tensor<1>>) {
+    module.visit(&mut Grads { path: Path(Vec::new()), grads, out: into });
+}

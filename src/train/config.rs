@@ -1,0 +1,376 @@
+//! The pre-training run config: every knob of an ExPLoRA run, read from TOML (missing fields
+//! take their defaults), validated with field-level errors, and written next to the outputs.
+//!
+//! Defaults are the paper's (DINOv2 objective as shipped with ExPLoRA, see
+//! `../shared/explora-method.md`); [`PretrainConfig::builtin`] is the small built-in run that
+//! `explora --no-gui` starts. Schedules count optimizer steps (one step = `batch ×
+//! accumulation` images); DINOv2's "epoch" is 1,250 steps.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{MaskConfig, MultiCropConfig};
+use crate::objectives::{HeadConfig, LossConfig};
+use crate::peft::PlanSpec;
+
+/// A config field that cannot be used, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid run config: `{field}` {reason}")]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn bad(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.into(), reason: reason.into() }
+}
+
+/// The backbone to start from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// Meta DINOv2 .pth, Hugging Face safetensors, MAE .pth or explora safetensors. Without
+    /// weights the `arch` preset starts from random weights (for tests and demos only).
+    pub weights: Option<PathBuf>,
+    /// Architecture preset; inferred from the checkpoint when omitted.
+    pub arch: Option<String>,
+}
+
+/// Unlabelled domain images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    /// Any folder tree of images (labels ignored). Without it, a procedural satellite-like
+    /// domain of `procedural_tiles` tiles is generated in memory.
+    pub images: Option<PathBuf>,
+    pub procedural_tiles: usize,
+    pub procedural_size: u32,
+    /// Batches prepared ahead on worker threads.
+    pub prefetch: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self { images: None, procedural_tiles: 2_000, procedural_size: 256, prefetch: 3 }
+    }
+}
+
+/// AdamW and the schedules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimSection {
+    /// Images per forward/backward pass (per micro-batch).
+    pub batch: usize,
+    /// Micro-batches per optimizer step (effective batch = batch × accumulation).
+    pub accumulation: usize,
+    /// Peak learning rate at `reference_batch`; scaled by sqrt(effective / reference).
+    pub base_lr: f64,
+    pub reference_batch: usize,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    /// Weight decay, cosine from the first to the second value (none on biases, norms and
+    /// LayerScale, as DINOv2).
+    pub weight_decay: [f64; 2],
+    pub betas: [f64; 2],
+    pub eps: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub clip_grad: f64,
+    /// Layer-wise learning-rate decay: block i gets decay^(depth − i) (1 = off).
+    pub layer_decay: f64,
+    /// Teacher EMA momentum, cosine from the first to the second value.
+    pub momentum: [f64; 2],
+    /// The head's prototype layer stays frozen for this many steps (DINO's stabiliser).
+    pub freeze_last_layer_steps: u64,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        Self {
+            batch: 32,
+            accumulation: 32,
+            base_lr: 1e-3,
+            reference_batch: 1024,
+            min_lr: 1e-6,
+            warmup_steps: 12_500,
+            weight_decay: [0.04, 0.4],
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            clip_grad: 3.0,
+            layer_decay: 0.9,
+            momentum: [0.992, 1.0],
+            freeze_last_layer_steps: 1_250,
+        }
+    }
+}
+
+impl OptimSection {
+    pub fn effective_batch(&self) -> usize {
+        self.batch * self.accumulation
+    }
+
+    /// The peak learning rate after sqrt scaling to the effective batch.
+    pub fn peak_lr(&self) -> f64 {
+        self.base_lr * (self.effective_batch() as f64 / self.reference_batch as f64).sqrt()
+    }
+}
+
+/// Optional k-NN monitor on a small labelled set (as DINO does), written to the metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorSection {
+    /// Run it every this many steps (0 = never) and at the end.
+    pub knn_every: u64,
+    /// A labelled ImageFolder; without it, procedural tiles of the five scene classes.
+    pub knn_images: Option<PathBuf>,
+    /// Images used at most (a seeded sample when the folder holds more).
+    pub knn_max_images: usize,
+    pub knn_k: usize,
+}
+
+impl Default for MonitorSection {
+    fn default() -> Self {
+        Self { knn_every: 0, knn_images: None, knn_max_images: 500, knn_k: 20 }
+    }
+}
+
+/// Length, seed, checkpoints and logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSection {
+    /// Optimizer steps.
+    pub steps: u64,
+    pub seed: u64,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (older ones are deleted).
+    pub keep_checkpoints: usize,
+    /// Write a picture of the augmented batch (crops and masks) every this many steps (0 = never).
+    pub preview_every: u64,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self { steps: 25_000, seed: 0, checkpoint_every: 500, keep_checkpoints: 2, preview_every: 1_000 }
+    }
+}
+
+/// Everything that defines an ExPLoRA pre-training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    pub model: ModelSection,
+    pub plan: PlanSpec,
+    pub data: DataSection,
+    pub crops: MultiCropConfig,
+    pub masks: MaskConfig,
+    pub head: HeadConfig,
+    pub loss: LossConfig,
+    pub optim: OptimSection,
+    pub monitor: MonitorSection,
+    pub run: RunSection,
+}
+
+impl PretrainConfig {
+    /// The built-in run: the tiny backbone (random weights standing in for a pre-trained one)
+    /// on procedural satellite-like tiles, a few minutes on a laptop GPU. Its teacher targets
+    /// use Sinkhorn-Knopp: with softmax centering the head of a tiny random backbone
+    /// collapses to uniform outputs within a few dozen steps.
+    pub fn builtin() -> Self {
+        let mut c = Self::default();
+        c.model.arch = Some("tiny".into());
+        c.data.procedural_tiles = 1_000;
+        c.data.procedural_size = 96;
+        c.crops.global_size = 64;
+        c.crops.local_size = 32;
+        c.crops.local_crops = 4;
+        c.head = HeadConfig { layers: 3, hidden: 256, bottleneck: 64, prototypes: 1_024 };
+        c.loss.teacher_temp_warmup_steps = 30;
+        c.optim.batch = 16;
+        c.optim.accumulation = 1;
+        // A small effective batch trains a tiny model faster with the un-scaled paper lr.
+        c.optim.reference_batch = 16;
+        c.optim.warmup_steps = 10;
+        c.optim.freeze_last_layer_steps = 5;
+        c.optim.momentum = [0.99, 1.0];
+        c.monitor.knn_every = 50;
+        c.monitor.knn_max_images = 200;
+        c.monitor.knn_k = 10;
+        c.loss.centering = crate::objectives::Centering::SinkhornKnopp;
+        c.run.steps = 200;
+        c.run.checkpoint_every = 50;
+        c.run.preview_every = 50;
+        c
+    }
+
+    /// The built-in run sized for software Vulkan (no GPU): smaller batches, fewer steps; it
+    /// finishes in a few minutes on two CPU cores.
+    pub fn builtin_software() -> Self {
+        let mut c = Self::builtin();
+        c.crops.local_crops = 2;
+        c.optim.batch = 8;
+        c.optim.reference_batch = 8;
+        c.monitor.knn_every = 12;
+        c.monitor.knn_max_images = 100;
+        c.run.steps = 24;
+        c.run.checkpoint_every = 8;
+        c.run.preview_every = 12;
+        c.loss.teacher_temp_warmup_steps = 10;
+        c.optim.warmup_steps = 4;
+        c.optim.freeze_last_layer_steps = 2;
+        c
+    }
+
+    /// Reads a TOML file; fields it leaves out keep their defaults.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read run config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("run config {}: {e}", path.display()))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serialises")
+    }
+
+    /// Checks every knob that does not need the model (the plan and crop sizes are checked
+    /// against the model when it is loaded).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let into = |e: crate::data::FieldError| ConfigError { field: e.field, reason: e.reason };
+        self.crops.validate().map_err(into)?;
+        self.masks.validate().map_err(into)?;
+        if let Some(path) = &self.model.weights
+            && !path.exists()
+        {
+            return Err(bad("model.weights", format!("{} does not exist", path.display())));
+        }
+        if self.model.weights.is_none() && self.model.arch.is_none() {
+            return Err(bad("model", "give `weights` (a checkpoint) or `arch` (a preset, random weights)"));
+        }
+        if let Some(path) = &self.data.images
+            && !path.is_dir()
+        {
+            return Err(bad("data.images", format!("{} is not a folder", path.display())));
+        }
+        if self.data.images.is_none() && self.data.procedural_tiles == 0 {
+            return Err(bad("data.procedural_tiles", "must be at least 1 when no `images` folder is given"));
+        }
+        if self.data.procedural_size < 8 {
+            return Err(bad("data.procedural_size", "must be at least 8 pixels"));
+        }
+        if self.data.prefetch == 0 {
+            return Err(bad("data.prefetch", "must be at least 1"));
+        }
+        let h = &self.head;
+        if h.layers == 0 || h.hidden == 0 || h.bottleneck == 0 || h.prototypes < 2 {
+            return Err(bad("head", "needs layers ≥ 1, hidden ≥ 1, bottleneck ≥ 1 and prototypes ≥ 2"));
+        }
+        let l = &self.loss;
+        for (field, w) in [("loss.dino_weight", l.dino_weight), ("loss.ibot_weight", l.ibot_weight), ("loss.koleo_weight", l.koleo_weight)] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(bad(field, "must be a finite number ≥ 0"));
+            }
+        }
+        if l.dino_weight + l.ibot_weight + l.koleo_weight == 0.0 {
+            return Err(bad("loss", "all loss weights are 0: nothing to train"));
+        }
+        if !(l.student_temp > 0.0) || l.teacher_temp.iter().any(|t| !(*t > 0.0)) {
+            return Err(bad("loss.student_temp / loss.teacher_temp", "temperatures must be > 0"));
+        }
+        if !(0.0..1.0).contains(&l.center_momentum) {
+            return Err(bad("loss.center_momentum", "must be in [0, 1)"));
+        }
+        if l.sinkhorn_iterations == 0 {
+            return Err(bad("loss.sinkhorn_iterations", "must be at least 1"));
+        }
+        let o = &self.optim;
+        if o.batch < 2 {
+            return Err(bad("optim.batch", "must be at least 2 (KoLeo needs a neighbour in the batch)"));
+        }
+        if o.accumulation == 0 {
+            return Err(bad("optim.accumulation", "must be at least 1"));
+        }
+        if !(o.base_lr > 0.0 && o.base_lr.is_finite()) {
+            return Err(bad("optim.base_lr", "must be a positive number"));
+        }
+        if o.reference_batch == 0 {
+            return Err(bad("optim.reference_batch", "must be at least 1"));
+        }
+        if !(o.min_lr >= 0.0 && o.min_lr <= o.peak_lr()) {
+            return Err(bad("optim.min_lr", format!("must be in [0, peak lr {:.3e}]", o.peak_lr())));
+        }
+        if o.weight_decay.iter().any(|w| !(*w >= 0.0)) {
+            return Err(bad("optim.weight_decay", "must be ≥ 0"));
+        }
+        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(bad("optim.betas", "must be in [0, 1)"));
+        }
+        if !(o.eps > 0.0) {
+            return Err(bad("optim.eps", "must be > 0"));
+        }
+        if !(o.clip_grad >= 0.0) {
+            return Err(bad("optim.clip_grad", "must be ≥ 0 (0 turns clipping off)"));
+        }
+        if !(o.layer_decay > 0.0 && o.layer_decay <= 1.0) {
+            return Err(bad("optim.layer_decay", "must be in (0, 1]"));
+        }
+        if o.momentum.iter().any(|m| !(0.0..=1.0).contains(m)) {
+            return Err(bad("optim.momentum", "must be in [0, 1]"));
+        }
+        if self.run.steps == 0 {
+            return Err(bad("run.steps", "must be at least 1"));
+        }
+        if self.run.keep_checkpoints == 0 {
+            return Err(bad("run.keep_checkpoints", "must be at least 1"));
+        }
+        if let Some(path) = &self.monitor.knn_images
+            && !path.is_dir()
+        {
+            return Err(bad("monitor.knn_images", format!("{} is not a folder", path.display())));
+        }
+        if self.monitor.knn_k == 0 || self.monitor.knn_max_images < 2 {
+            return Err(bad("monitor", "knn_k must be ≥ 1 and knn_max_images ≥ 2"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_validate() {
+        for config in [PretrainConfig::builtin(), { let mut c = PretrainConfig::default(); c.model.arch = Some("vits14".into()); c }] {
+            config.validate().unwrap();
+            let back: PretrainConfig = toml::from_str(&config.to_toml()).unwrap();
+            assert_eq!(back, config);
+        }
+    }
+
+    #[test]
+    fn partial_files_keep_defaults_and_errors_name_the_field() {
+        let c: PretrainConfig = toml::from_str("[model]\narch = \"tiny\"\n[optim]\nbatch = 8\n").unwrap();
+        assert_eq!(c.optim.batch, 8);
+        assert_eq!(c.optim.base_lr, 1e-3);
+        assert_eq!(c.head.prototypes, 65_536);
+        let unknown = toml::from_str::<PretrainConfig>("[optim]\nbatchsize = 8\n").unwrap_err().to_string();
+        assert!(unknown.contains("batchsize"), "{unknown}");
+        let mut c = PretrainConfig::builtin();
+        c.optim.layer_decay = 1.5;
+        assert_eq!(c.validate().unwrap_err().field, "optim.layer_decay");
+        let mut c = PretrainConfig::builtin();
+        c.data.images = Some("/no/such/folder".into());
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "data.images");
+        assert!(e.to_string().contains("/no/such/folder"));
+        let mut c = PretrainConfig::builtin();
+        c.optim.batch = 1;
+        assert_eq!(c.validate().unwrap_err().field, "optim.batch");
+    }
+
+    #[test]
+    fn lr_scales_with_the_square_root_of_the_batch() {
+        let o = OptimSection { batch: 32, accumulation: 8, ..Default::default() };
+        assert!((o.peak_lr() - 1e-3 * 0.5).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,12 @@
+//! Training: the run config, schedules, AdamW, checkpoints with exact resume, the k-NN monitor,
+//! and the ExPLoRA pre-training job that the CLI and the app start through the engine.
+
+pub mod config;
+pub mod monitor;
+pub mod optim;
+pub mod pretrain;
+pub mod schedule;
+pub mod state;
+
+pub use config::{ConfigError, PretrainConfig};
+pub use pretrain::{PretrainJob, PretrainSummary, pretrain, run};

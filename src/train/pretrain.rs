@@ -1,0 +1,485 @@
+//! The ExPLoRA pre-training job: continues a backbone's DINOv2 self-supervised training on
+//! unlabelled domain images under an adaptation plan. Runs on the engine's job thread, reports
+//! through events, writes the run folder:
+//!
+//! - `config.toml` — the full config of the run (what `explora resume` reads back);
+//! - `metrics.jsonl` — one JSON object per step (losses, schedules, img/s, GPU memory, k-NN);
+//! - `checkpoints/step-NNNNNNN.safetensors` — atomic, the newest `keep_checkpoints` kept;
+//! - `backbone.safetensors` — the teacher with LoRA merged (explora format: `explora embed
+//!   --weights` and the evaluation commands read it), `adapter.safetensors` — the teacher's
+//!   trained tensors only (apply onto the base checkpoint);
+//! - `batch-preview.png`, `report.md`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::config::PretrainConfig;
+use super::monitor::KnnSet;
+use super::optim::{AdamW, UpdateRule, grad_norm};
+use super::schedule;
+use super::state::{self, TrainState};
+use crate::checkpoint::{load_backbone_with, save_adapter, save_backbone};
+use crate::data::{BatchSpec, CropBatch, CropLoader, FolderSource, ImageList, ImageSource, ProceduralSource, ProceduralDomain, contact_sheet};
+use crate::engine::{Event, Flow, JobContext};
+use crate::model::{Vit, VitConfig};
+use crate::objectives::params::accumulate_grads;
+use crate::objectives::{Centers, DinoModel, MaskedPatches, StepInputs, ema_update, step_loss};
+use crate::peft::{AdaptationPlan, apply_plan, merge_lora};
+
+/// A pre-training run: where it writes and whether it continues from its last checkpoint.
+#[derive(Debug, Clone)]
+pub struct PretrainJob {
+    pub config: PretrainConfig,
+    pub out: PathBuf,
+    pub resume: bool,
+}
+
+impl PretrainJob {
+    /// The job that continues the run in `dir` (its `config.toml`, its newest checkpoint).
+    pub fn resume(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("config.toml");
+        if !path.exists() {
+            anyhow::bail!("{} is not a run folder: it has no config.toml", dir.display());
+        }
+        Ok(Self { config: PretrainConfig::load(&path)?, out: dir.to_path_buf(), resume: true })
+    }
+}
+
+/// Outcome of a run, for the report and tests.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PretrainSummary {
+    pub steps_done: u64,
+    pub stopped_early: bool,
+    pub images_seen: u64,
+    pub images_per_second: f64,
+    pub final_loss: Option<f64>,
+    pub knn_before: Option<f64>,
+    pub knn_after: Option<f64>,
+    pub peak_gpu_bytes: Option<u64>,
+    pub skipped_files: usize,
+}
+
+fn load_base(config: &mut PretrainConfig, out: &Path, device: &Device) -> anyhow::Result<Vit> {
+    let arch = match &config.model.arch {
+        Some(name) => Some(VitConfig::preset(name).ok_or_else(|| {
+            anyhow::anyhow!("invalid run config: `model.arch` {name} is not a preset (tiny, vits14, vitb14, vitl14, vitg14, mae-vitb16, mae-vitl16, mae-vith14, `_reg` for registers)")
+        })?),
+        None => None,
+    };
+    if let Some(path) = &config.model.weights {
+        let (model, report) = load_backbone_with(path, arch, device)?;
+        let _ = report;
+        return Ok(model);
+    }
+    // Random weights (tests, demos): saved once so that a resumed run starts from the same base.
+    let arch = arch.expect("validated: weights or arch");
+    let model = arch.init(device);
+    let path = out.join("base.safetensors");
+    save_backbone(&model, &path)?;
+    config.model.weights = Some(path);
+    Ok(model)
+}
+
+fn source_for(config: &PretrainConfig) -> anyhow::Result<Arc<dyn ImageSource>> {
+    Ok(match &config.data.images {
+        Some(root) => Arc::new(FolderSource { list: ImageList::scan(root)? }),
+        None => Arc::new(ProceduralSource {
+            domain: ProceduralDomain { size: config.data.procedural_size, seed: config.run.seed },
+            count: config.data.procedural_tiles,
+        }),
+    })
+}
+
+fn step_inputs(batch: &CropBatch, patch: usize, capacity: usize, device: &Device) -> StepInputs {
+    let b = batch.batch;
+    let (g, s) = (2, batch.global_size as usize);
+    let (l, ls) = (batch.local_crops, batch.local_size as usize);
+    let n = (s / patch) * (s / patch);
+    let globals = Tensor::<4>::from_data(TensorData::new(batch.globals.clone(), [g * b, 3, s, s]), device);
+    let locals = (l > 0).then(|| Tensor::<4>::from_data(TensorData::new(batch.locals.clone(), [l * b, 3, ls, ls]), device));
+    let mask_values: Vec<f32> = batch.masks.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+    let masks = Tensor::<2>::from_data(TensorData::new(mask_values, [g * b, n]), device).greater_elem(0.5);
+    StepInputs {
+        globals,
+        locals,
+        masks,
+        masked: MaskedPatches::new(&batch.masks, n, capacity, device),
+        batch: b,
+        global_crops: g,
+        local_crops: l,
+    }
+}
+
+struct Metrics {
+    file: std::fs::File,
+}
+
+impl Metrics {
+    /// Opens `metrics.jsonl`, keeping only lines up to `keep_until` (a resumed run rewrites
+    /// what came after its checkpoint).
+    fn open(path: &Path, keep_until: u64) -> anyhow::Result<Self> {
+        let kept: Vec<String> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= keep_until)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::checkpoint::atomic_write(path, kept.concat().as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    fn write(&mut self, value: &serde_json::Value) -> anyhow::Result<()> {
+        writeln!(self.file, "{value}")?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// Runs (or resumes) the job; returns a short summary for the face to print.
+pub fn run(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> anyhow::Result<String> {
+    let summary = pretrain(job, device, ctx)?;
+    let out = job.out.display();
+    let what = if summary.stopped_early {
+        format!("stopped after step {}; continue with `explora --no-gui resume {out}`", summary.steps_done)
+    } else {
+        format!("pre-trained {} steps", summary.steps_done)
+    };
+    let knn = match (summary.knn_before, summary.knn_after) {
+        (Some(b), Some(a)) => format!("; k-NN top-1 {:.1}% → {:.1}%", 100.0 * b, 100.0 * a),
+        (None, Some(a)) => format!("; k-NN top-1 {:.1}%", 100.0 * a),
+        _ => String::new(),
+    };
+    Ok(format!(
+        "{what} ({} images, {:.1} img/s{knn}). Results in {out}: report.md, metrics.jsonl, backbone.safetensors, checkpoints/",
+        summary.images_seen, summary.images_per_second
+    ))
+}
+
+/// The run itself.
+pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> anyhow::Result<PretrainSummary> {
+    let mut config = job.config.clone();
+    config.validate()?;
+    let out = &job.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating run folder {}", out.display()))?;
+    let previous = state::list(out);
+    if !job.resume && !previous.is_empty() {
+        anyhow::bail!(
+            "{} already holds a run with checkpoints; continue it with `explora --no-gui resume {}` or choose another --out",
+            out.display(),
+            out.display()
+        );
+    }
+
+    ctx.phase("loading the backbone", None);
+    let ad = device.clone().autodiff();
+    device.seed(config.run.seed);
+    ad.seed(config.run.seed);
+    let base = load_base(&mut config, out, &ad)?;
+    let vit = base.config().clone();
+    let patch = vit.patch_size;
+    for (field, size) in [("crops.global_size", config.crops.global_size), ("crops.local_size", config.crops.local_size)] {
+        if size as usize % patch != 0 {
+            anyhow::bail!("invalid run config: `{field}` {size} is not a multiple of the model's patch size {patch}");
+        }
+    }
+    if !vit.mask_token && config.loss.ibot_weight > 0.0 {
+        anyhow::bail!("invalid run config: `loss.ibot_weight` is > 0 but the backbone has no mask token (set it to 0)");
+    }
+    let plan: AdaptationPlan = config.plan.resolve(&vit).map_err(|e| anyhow::anyhow!("[plan] {e}"))?;
+    let budget = plan.budget(&vit);
+    std::fs::write(out.join("config.toml"), config.to_toml()).with_context(|| format!("writing {}/config.toml", out.display()))?;
+    ctx.info(format!(
+        "{}: {} of {} backbone parameters train ({:.2}%) + head {}",
+        vit.name,
+        budget.trainable,
+        budget.backbone,
+        budget.percent(),
+        config.head.num_params(vit.embed_dim)
+    ));
+
+    let student = DinoModel::new(apply_plan(base, &plan)?, &config.head);
+    let teacher = student.valid();
+    let mut state = TrainState {
+        step: 0,
+        student,
+        teacher,
+        optim: AdamW::new(config.optim.betas, config.optim.eps),
+        centers: Centers::zeros(config.head.prototypes, device),
+    };
+    if job.resume {
+        match previous.last() {
+            Some((_, path)) => {
+                state = state::load(path, state, device)?;
+                ctx.info(format!("resuming from {} (step {})", path.display(), state.step));
+            }
+            None => ctx.warn(format!("{} has no checkpoint yet: starting from the beginning", out.display())),
+        }
+    }
+    let start = state.step;
+    let total = config.run.steps;
+    let mut metrics = Metrics::open(&out.join("metrics.jsonl"), start)?;
+
+    let source = source_for(&config)?;
+    ctx.info(format!("data: {} ({} images)", source.describe(), source.len()));
+    let accumulation = config.optim.accumulation as u64;
+    let spec = BatchSpec {
+        crops: config.crops.clone(),
+        masks: config.masks.clone(),
+        patch_size: patch,
+        batch: config.optim.batch,
+        seed: config.run.seed,
+        preview_every: config.run.preview_every * accumulation,
+    };
+    let grid = config.crops.global_size as usize / patch;
+    let capacity = crate::data::max_masked(2 * config.optim.batch, grid * grid, &config.masks).max(1);
+    let mut loader = CropLoader::new(source, spec, start * accumulation, config.data.prefetch);
+
+    let knn_set = if config.monitor.knn_every > 0 {
+        let size = config.crops.global_size;
+        let set = match &config.monitor.knn_images {
+            Some(root) => KnnSet::folder(root, config.monitor.knn_max_images, size, config.run.seed)?,
+            None => KnnSet::procedural(config.monitor.knn_max_images, size, config.run.seed ^ 0x4B4E_4E00),
+        };
+        Some(set)
+    } else {
+        None
+    };
+    let knn = |teacher: &DinoModel| {
+        knn_set.as_ref().map(|set| set.evaluate(&teacher.backbone, config.monitor.knn_k, config.optim.batch.max(32), device))
+    };
+    let mut summary = PretrainSummary {
+        steps_done: start,
+        stopped_early: false,
+        images_seen: start * config.optim.effective_batch() as u64,
+        images_per_second: 0.0,
+        final_loss: None,
+        knn_before: None,
+        knn_after: None,
+        peak_gpu_bytes: None,
+        skipped_files: 0,
+    };
+    if start == 0 {
+        summary.knn_before = knn(&state.teacher);
+        if let Some(acc) = summary.knn_before {
+            metrics.write(&serde_json::json!({ "step": 0, "knn_top1": acc }))?;
+            ctx.info(format!("k-NN top-1 before pre-training: {:.1}%", 100.0 * acc));
+        }
+    }
+
+    ctx.phase("pre-training", Some(total));
+    ctx.progress(start, Some(total));
+    let began = Instant::now();
+    let depth = vit.depth;
+    let mut last_checkpoint = previous.last().map(|(_, p)| p.clone());
+    let mut images_this_session = 0u64;
+    // EXPLORA_PROFILE=1: per-step timings of the phases (each ends with a device sync).
+    let profile = std::env::var_os("EXPLORA_PROFILE").is_some();
+    let mut lap = Instant::now();
+    let mut timings: Vec<(&str, f64)> = Vec::new();
+    let mut mark = |name: &'static str, timings: &mut Vec<(&str, f64)>| {
+        if profile {
+            let _ = device.sync();
+            timings.push((name, lap.elapsed().as_secs_f64() * 1e3));
+            lap = Instant::now();
+        }
+    };
+    while state.step < total {
+        if ctx.checkpoint() == Flow::Stop {
+            summary.stopped_early = true;
+            break;
+        }
+        let step = state.step;
+        let values = schedule::at(&config, step);
+        let tick = Instant::now();
+        let mut grads = std::collections::HashMap::new();
+        let mut parts = [0.0f64; 4];
+        for micro in 0..accumulation {
+            mark("other", &mut timings);
+            let batch = loader.next()?;
+            mark("data", &mut timings);
+            for (path, reason) in &batch.skipped {
+                summary.skipped_files += 1;
+                ctx.warn(format!("skipped {}: {reason}", path.display()));
+            }
+            if let Some(crops) = &batch.preview {
+                let g = (batch.global_size as usize) / patch;
+                let b = batch.batch;
+                let n = g * g;
+                let masks: Vec<bool> =
+                    batch.masks[0..n].iter().chain(&batch.masks[b * n..b * n + n]).copied().collect();
+                let sheet = contact_sheet(crops, Some((&masks, g)));
+                let path = out.join("batch-preview.png");
+                sheet.save(&path).with_context(|| format!("writing {}", path.display()))?;
+                ctx.artifact(format!("augmented crops and iBOT masks, step {}", step + 1), path);
+            }
+            let inputs = step_inputs(&batch, patch, capacity, &ad);
+            let (loss, centers) = step_loss(&state.student, &state.teacher, &inputs, &state.centers, &config.loss, values.teacher_temp);
+            state.centers = centers;
+            mark("forward", &mut timings);
+            let scaled = loss.total.clone().div_scalar(accumulation as f64);
+            let backward = scaled.backward();
+            accumulate_grads(&state.student, &backward, &mut grads);
+            mark("backward", &mut timings);
+            let read = |t: Tensor<1>| t.into_scalar::<f32>() as f64;
+            let values_now = [read(loss.total), read(loss.dino), read(loss.ibot), read(loss.koleo)];
+            if let Some(bad) = values_now.iter().find(|v| !v.is_finite()) {
+                anyhow::bail!(
+                    "the loss became {bad} at step {} (micro-batch {micro}); nothing after the last good checkpoint ({}) was saved. \
+                     Try a lower optim.base_lr, a larger optim.batch or optim.clip_grad > 0",
+                    step + 1,
+                    last_checkpoint.as_ref().map_or("none yet".into(), |p| p.display().to_string())
+                );
+            }
+            for (acc, v) in parts.iter_mut().zip(values_now) {
+                *acc += v / accumulation as f64;
+            }
+        }
+        let norm = grad_norm(&grads);
+        if !norm.is_finite() {
+            anyhow::bail!(
+                "the gradient norm became {norm} at step {}; the last good checkpoint is {}. Try a lower optim.base_lr",
+                step + 1,
+                last_checkpoint.as_ref().map_or("none yet".into(), |p| p.display().to_string())
+            );
+        }
+        let clip = config.optim.clip_grad;
+        let grad_scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
+        let rule = UpdateRule {
+            lr: values.lr,
+            weight_decay: values.weight_decay,
+            grad_scale,
+            layer_decay: config.optim.layer_decay,
+            depth,
+            freeze_prototypes: step < config.optim.freeze_last_layer_steps,
+        };
+        mark("grad norm", &mut timings);
+        state.student = state.optim.step(state.student, &grads, rule);
+        mark("optimizer", &mut timings);
+        state.teacher = ema_update(state.teacher, &state.student, values.momentum);
+        mark("ema", &mut timings);
+        if profile {
+            let line: Vec<String> = timings.drain(..).map(|(k, v)| format!("{k} {v:.0} ms")).collect();
+            ctx.info(format!("step {} timings: {}", step + 1, line.join(", ")));
+        }
+        state.step += 1;
+
+        let images = config.optim.effective_batch() as u64;
+        summary.images_seen += images;
+        images_this_session += images;
+        let step_seconds = tick.elapsed().as_secs_f64();
+        let memory = crate::device::memory_reserved(device);
+        if let Some(m) = memory {
+            summary.peak_gpu_bytes = Some(summary.peak_gpu_bytes.unwrap_or(0).max(m));
+        }
+        summary.final_loss = Some(parts[0]);
+        let mut line = serde_json::json!({
+            "step": state.step,
+            "loss": parts[0], "dino": parts[1], "ibot": parts[2], "koleo": parts[3],
+            "lr": values.lr, "wd": values.weight_decay, "teacher_temp": values.teacher_temp,
+            "momentum": values.momentum, "grad_norm": norm,
+            "img_per_s": images as f64 / step_seconds.max(1e-9),
+            "gpu_bytes": memory,
+        });
+        let monitor_due = config.monitor.knn_every > 0 && (state.step % config.monitor.knn_every == 0 || state.step == total);
+        if monitor_due && let Some(acc) = knn(&state.teacher) {
+            line["knn_top1"] = serde_json::json!(acc);
+            summary.knn_after = Some(acc);
+        }
+        metrics.write(&line)?;
+        ctx.emit(Event::Metrics {
+            step: state.step,
+            values: ["loss", "dino", "ibot", "koleo", "lr", "grad_norm", "knn_top1"]
+                .iter()
+                .filter_map(|k| line.get(*k).and_then(|v| v.as_f64()).map(|v| (k.to_string(), v)))
+                .collect(),
+        });
+        ctx.progress(state.step, Some(total));
+        let every = config.run.checkpoint_every;
+        if (every > 0 && state.step % every == 0) || state.step == total {
+            last_checkpoint = Some(state::save(out, &state, config.run.keep_checkpoints)?);
+        }
+    }
+    summary.steps_done = state.step;
+    summary.images_per_second = images_this_session as f64 / began.elapsed().as_secs_f64().max(1e-9);
+    if summary.stopped_early {
+        if last_checkpoint.as_ref().is_none_or(|p| *p != state::checkpoint_path(out, state.step)) {
+            let path = state::save(out, &state, config.run.keep_checkpoints)?;
+            ctx.artifact("checkpoint", &path);
+        }
+        return Ok(summary);
+    }
+
+    ctx.phase("exporting", None);
+    let teacher = merge_lora(state.teacher.backbone.clone());
+    let backbone_path = out.join("backbone.safetensors");
+    save_backbone(&teacher, &backbone_path)?;
+    ctx.artifact("adapted backbone (teacher, LoRA merged)", &backbone_path);
+    let adapter_path = out.join("adapter.safetensors");
+    save_adapter(&state.teacher.backbone, &plan, &adapter_path)?;
+    ctx.artifact("adapter (trained tensors only)", &adapter_path);
+    let report = out.join("report.md");
+    std::fs::write(&report, report_text(&config, &plan, &vit, &summary))?;
+    ctx.artifact("report", &report);
+    Ok(summary)
+}
+
+fn report_text(config: &PretrainConfig, plan: &AdaptationPlan, vit: &VitConfig, s: &PretrainSummary) -> String {
+    let budget = plan.budget(vit);
+    let pct = |v: Option<f64>| v.map_or("—".into(), |v| format!("{:.1}%", 100.0 * v));
+    let data = match &config.data.images {
+        Some(p) => format!("images under `{}`", p.display()),
+        None => format!("{} procedural satellite-like tiles ({} px)", config.data.procedural_tiles, config.data.procedural_size),
+    };
+    format!(
+        "# ExPLoRA pre-training\n\n\
+         - backbone: {} ({}), weights `{}`\n\
+         - plan: unfrozen blocks {:?}, LoRA rank {} on {} elsewhere; {} trainable of {} ({:.2}%)\n\
+         - data: {data}\n\
+         - crops: 2 × {} px global, {} × {} px local; effective batch {}\n\
+         - steps: {} ({} images seen, {:.1} images/s){}\n\
+         - final loss: {}\n\
+         - k-NN top-1 (teacher CLS, leave-one-out, k = {}): before {} → after {}\n\
+         - peak GPU memory reserved: {}\n\
+         - files skipped (unreadable): {}\n\n\
+         `backbone.safetensors` is the adapted backbone (the EMA teacher with LoRA merged); probe it with \
+         `explora embed --weights backbone.safetensors --images <folder>`.\n\n\
+         To run on real weights and data: \
+         `explora --no-gui pretrain --weights dinov2_vits14.pth --images /data/eurosat --out runs/eurosat` \
+         (paper defaults: 224/98 px crops, 65,536 prototypes; see `explora pretrain --help`).\n",
+        vit.name,
+        format!("{} blocks, width {}", vit.depth, vit.embed_dim),
+        config.model.weights.as_ref().map_or("random".into(), |p| p.display().to_string()),
+        plan.unfrozen_blocks(),
+        plan.lora.rank,
+        plan.lora.targets,
+        budget.trainable,
+        budget.backbone,
+        budget.percent(),
+        config.crops.global_size,
+        config.crops.local_crops,
+        config.crops.local_size,
+        config.optim.effective_batch(),
+        s.steps_done,
+        s.images_seen,
+        s.images_per_second,
+        if s.stopped_early { " — stopped early" } else { "" },
+        s.final_loss.map_or("—".into(), |l| format!("{l:.4}")),
+        config.monitor.knn_k,
+        pct(s.knn_before),
+        pct(s.knn_after),
+        s.peak_gpu_bytes.map_or("not reported by this backend".into(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64)),
+        s.skipped_files,
+    )
+}

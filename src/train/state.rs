@@ -1,0 +1,162 @@
+//! Training checkpoints: everything needed to continue a run bit for bit — the student's and
+//! the teacher's trainable tensors (the frozen ones come from the base checkpoint), the AdamW
+//! moments, the centering state and the step — in one safetensors file written atomically, so
+//! a killed run always finds a complete checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::optim::AdamW;
+use crate::checkpoint::{Metadata, RawTensor, TensorMap, read_safetensors, write_safetensors};
+use crate::objectives::params::{for_each_param, map_params};
+use crate::objectives::{Centers, DinoModel};
+
+pub const FORMAT: &str = "explora-pretrain-v1";
+
+pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data")
+}
+
+fn raw(t: Tensor<1>) -> RawTensor {
+    let data = to_vec(t);
+    RawTensor::new(vec![data.len()], data)
+}
+
+/// The state of a run between two optimizer steps.
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: u64,
+    pub student: DinoModel,
+    pub teacher: DinoModel,
+    pub optim: AdamW,
+    pub centers: Centers,
+}
+
+/// `checkpoints/step-0000120.safetensors`
+pub fn checkpoint_path(run: &Path, step: u64) -> PathBuf {
+    run.join("checkpoints").join(format!("step-{step:07}.safetensors"))
+}
+
+/// Checkpoints in the run folder, oldest first.
+pub fn list(run: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(run.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Writes the checkpoint for `state` atomically and deletes all but the newest `keep`.
+pub fn save(run: &Path, state: &TrainState, keep: usize) -> anyhow::Result<PathBuf> {
+    let mut tensors = TensorMap::new();
+    let mut names = Vec::new();
+    for_each_param(&state.student, |name, t, trainable| {
+        if trainable {
+            names.push(name.to_string());
+            tensors.insert(format!("student.{name}"), raw(t));
+        }
+    });
+    for_each_param(&state.teacher, |name, t, _| {
+        if names.iter().any(|n| n == name) {
+            tensors.insert(format!("teacher.{name}"), raw(t));
+        }
+    });
+    let (optim, steps) = state.optim.save();
+    tensors.extend(optim);
+    tensors.insert("center.dino".into(), raw(state.centers.dino.clone().flatten(0, 1)));
+    tensors.insert("center.ibot".into(), raw(state.centers.ibot.clone().flatten(0, 1)));
+    let mut meta = Metadata::new();
+    meta.insert("format".into(), FORMAT.into());
+    meta.insert("step".into(), state.step.to_string());
+    meta.insert("optim_steps".into(), serde_json::to_string(&steps)?);
+    let path = checkpoint_path(run, state.step);
+    write_safetensors(&path, &tensors, &meta)?;
+    let all = list(run);
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+        let _ = std::fs::remove_file(old);
+    }
+    Ok(path)
+}
+
+/// Restores a checkpoint into freshly built `student`/`teacher` (same config and plan).
+/// Names any tensor the models expect that the file lacks.
+pub fn load(path: &Path, mut state: TrainState, device: &Device) -> anyhow::Result<TrainState> {
+    let (tensors, meta) = read_safetensors(path)?;
+    if meta.get("format").map(String::as_str) != Some(FORMAT) {
+        anyhow::bail!("{} is not an explora pre-training checkpoint (format {:?})", path.display(), meta.get("format"));
+    }
+    let step: u64 = meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("{}: no step", path.display()))?;
+    let steps: HashMap<String, u64> = serde_json::from_str(meta.get("optim_steps").map_or("{}", String::as_str))?;
+    let mut missing = Vec::new();
+    let mut restore = |prefix: &str, model: DinoModel, only_trainable: bool| {
+        let mut wanted = Vec::new();
+        for_each_param(&model, |name, _, trainable| {
+            if trainable || !only_trainable {
+                wanted.push(name.to_string());
+            }
+        });
+        map_params(model, |name, current| {
+            if !wanted.iter().any(|w| w == name) {
+                return None;
+            }
+            let key = format!("{prefix}.{name}");
+            match tensors.get(&key) {
+                Some(t) if t.data.len() == current.dims()[0] => {
+                    Some(Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), &current.device()))
+                }
+                Some(t) => {
+                    missing.push(format!("{key} (has {} values, the model {})", t.data.len(), current.dims()[0]));
+                    None
+                }
+                None => {
+                    missing.push(key);
+                    None
+                }
+            }
+        })
+    };
+    state.student = restore("student", state.student, true);
+    // The teacher's trainable set is the student's: take the same names.
+    let names: Vec<String> = tensors.keys().filter_map(|k| k.strip_prefix("teacher.").map(String::from)).collect();
+    let mut teacher_missing = Vec::new();
+    let mut student_names = Vec::new();
+    for_each_param(&state.student, |name, _, trainable| {
+        if trainable {
+            student_names.push(name.to_string());
+        }
+    });
+    for name in &student_names {
+        if !names.contains(name) {
+            teacher_missing.push(format!("teacher.{name}"));
+        }
+    }
+    state.teacher = map_params(state.teacher, |name, current| {
+        let t = tensors.get(&format!("teacher.{name}"))?;
+        Some(Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), &current.device()))
+    });
+    missing.extend(teacher_missing);
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "{} does not match this run's model and plan; missing or mis-sized: {}",
+            path.display(),
+            missing.join(", ")
+        );
+    }
+    state.optim.load(&tensors, &steps, device)?;
+    let center = |key: &str| -> anyhow::Result<Tensor<2>> {
+        let t = tensors.get(key).ok_or_else(|| anyhow::anyhow!("{}: missing {key}", path.display()))?;
+        Ok(Tensor::from_data(TensorData::new(t.data.clone(), [1, t.data.len()]), device))
+    };
+    state.centers = Centers { dino: center("center.dino")?, ibot: center("center.ibot")? };
+    state.step = step;
+    Ok(state)
+}
