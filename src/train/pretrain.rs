@@ -194,6 +194,13 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
             anyhow::bail!("invalid run config: `{field}` {size} is not a multiple of the model's patch size {patch}");
         }
     }
+    if vit.family == crate::model::Family::Mae {
+        anyhow::bail!(
+            "{} is an MAE backbone: ExPLoRA continues a backbone with its own objective, and the MAE objective \
+             is not implemented yet; `explora pretrain` runs the DINOv2 objective on DINOv2 backbones",
+            vit.name
+        );
+    }
     if !vit.mask_token && config.loss.ibot_weight > 0.0 {
         anyhow::bail!("invalid run config: `loss.ibot_weight` is > 0 but the backbone has no mask token (set it to 0)");
     }
@@ -232,7 +239,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     let mut metrics = Metrics::open(&out.join("metrics.jsonl"), start)?;
 
     let source = source_for(&config)?;
-    ctx.info(format!("data: {} ({} images)", source.describe(), source.len()));
+    ctx.info(format!("data: {}", source.describe()));
     let accumulation = config.optim.accumulation as u64;
     let spec = BatchSpec {
         crops: config.crops.clone(),
