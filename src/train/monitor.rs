@@ -104,3 +104,27 @@ impl KnnSet {
         knn_leave_one_out(&features, dim, &self.labels, k)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knn_separates_clusters_and_fails_on_noise_labels() {
+        // Two tight clusters along different axes.
+        let mut feats = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..10 {
+            let e = i as f32 * 0.01;
+            feats.extend([1.0, e, 0.0]);
+            labels.push(0);
+            feats.extend([e, 1.0, 0.0]);
+            labels.push(1);
+        }
+        assert_eq!(knn_leave_one_out(&feats, 3, &labels, 3), 1.0);
+        // Alternating labels along one direction cannot be predicted.
+        let line: Vec<f32> = (0..20).flat_map(|i| [1.0, i as f32 * 0.001, 0.0]).collect();
+        let alternating: Vec<usize> = (0..20).map(|i| i % 2).collect();
+        assert!(knn_leave_one_out(&line, 3, &alternating, 1) < 0.2);
+    }
+}
