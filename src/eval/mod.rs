@@ -11,7 +11,4 @@ pub fn images_tensor(data: Vec<f32>, n: usize, size: usize, device: &Device) -> 
     Tensor::from_data(TensorData::new(data, [n, 3, size, size]), device)
 }
 
-/// Reads a float tensor back to the host.
-pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().try_into_vec::<f32>().expect("float tensor")
-}
+pub use crate::train::state::to_vec;

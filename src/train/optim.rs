@@ -108,7 +108,7 @@ impl AdamW {
         let mut steps = HashMap::new();
         for (path, s) in &self.state {
             for (kind, t) in [("m", &s.m), ("v", &s.v)] {
-                let data = t.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 state");
+                let data = super::state::to_vec(t.clone());
                 tensors.insert(format!("optim.{kind}.{path}"), RawTensor::new(vec![data.len()], data));
             }
             steps.insert(path.clone(), s.steps);

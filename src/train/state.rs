@@ -15,7 +15,8 @@ use crate::objectives::{Centers, DinoModel};
 
 pub const FORMAT: &str = "explora-pretrain-v1";
 
-pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+/// Reads a float tensor back to the host as `f32`.
+pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data")
 }
 
