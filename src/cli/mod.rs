@@ -65,6 +65,10 @@ pub enum Command {
     Pretrain(Box<PretrainArgs>),
     /// Continue a pre-training run from its newest checkpoint, exactly where it stopped.
     Resume(ResumeArgs),
+    /// Did ExPLoRA help? Evaluates the source backbone and the backbone after ExPLoRA
+    /// pre-training on a labelled set's training images with k-NN, a linear probe and
+    /// (optionally) LoRA fine-tuning; writes report.md and report.csv.
+    Pipeline(Box<PipelineArgs>),
     /// Run the built-in default (what `explora --no-gui` runs): a short ExPLoRA pre-training of
     /// a tiny backbone on procedural satellite-like tiles, k-NN before/after, attention maps.
     Default(DefaultArgs),
@@ -269,6 +273,106 @@ pub struct ResumeArgs {
     pub steps: Option<u64>,
 }
 
+#[derive(Args, Debug, Default)]
+pub struct PipelineArgs {
+    /// A pipeline TOML file (sections model, data, pretrain, knn, probe, finetune; see
+    /// --print-config). Without it: the built-in comparison on a procedural labelled set.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Source checkpoint (overrides the config's model.weights).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Architecture preset (overrides model.arch).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Labelled images: an ImageFolder or a `path,label` CSV (overrides data.labelled).
+    #[arg(long)]
+    pub labelled: Option<PathBuf>,
+    /// Evaluation input size in pixels (overrides data.image_size).
+    #[arg(long)]
+    pub image_size: Option<u32>,
+    /// At most this many images per class (overrides data.max_per_class).
+    #[arg(long)]
+    pub max_per_class: Option<usize>,
+    /// ExPLoRA pre-training steps (overrides pretrain.run.steps).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Also fine-tune both variants with LoRA (rank 8) when the config has no [finetune].
+    #[arg(long)]
+    pub finetune: bool,
+    /// Seed of the split, the probe and the runs (overrides data.seed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output folder; running the same command again continues there (default
+    /// runs/pipeline-<time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the resulting config as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// The pipeline config from `--config` (or the built-in one) with the flags applied.
+pub fn pipeline_config(args: &PipelineArgs, software: bool) -> anyhow::Result<crate::eval::PipelineConfig> {
+    let mut c = match &args.config {
+        Some(path) => crate::eval::PipelineConfig::load(path)?,
+        None => crate::eval::PipelineConfig::builtin(software),
+    };
+    if args.weights.is_some() {
+        c.model.weights = args.weights.clone();
+        if args.config.is_none() && args.arch.is_none() {
+            c.model.arch = None;
+        }
+    }
+    if args.arch.is_some() {
+        c.model.arch = args.arch.clone();
+    }
+    if args.labelled.is_some() {
+        c.data.labelled = args.labelled.clone();
+    }
+    if let Some(v) = args.image_size {
+        c.data.image_size = v;
+    }
+    if let Some(v) = args.max_per_class {
+        c.data.max_per_class = v;
+    }
+    if let Some(v) = args.steps {
+        c.pretrain.run.steps = v;
+    }
+    if let Some(v) = args.seed {
+        c.data.seed = v;
+    }
+    if args.finetune && c.finetune.is_none() {
+        c.finetune = Some(Default::default());
+    }
+    Ok(c)
+}
+
+fn pipeline_cmd(choice: &DeviceChoice, args: PipelineArgs) -> anyhow::Result<()> {
+    if args.print_config {
+        print!("{}", pipeline_config(&args, false)?.to_toml());
+        return Ok(());
+    }
+    let device = device::open(choice)?;
+    eprintln!("device: {}", device::describe(&device));
+    let config = pipeline_config(&args, device::is_software(&device))?;
+    config.validate()?;
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("pipeline-{}", utc_stamp())));
+    let handle = engine::spawn("pipeline", move |ctx| {
+        let summary = crate::eval::run_pipeline(&config, &out, &device, ctx)?;
+        if summary.stopped {
+            return Ok(format!("stopped; run the same command with --out {} to continue", out.display()));
+        }
+        let lines: Vec<String> = summary
+            .rows
+            .iter()
+            .map(|r| format!("  {:<8} {:<13} top-1 {:5.1}%", r.variant, r.method, 100.0 * r.top1))
+            .collect();
+        Ok(format!("{}\nResults in {}: report.md, report.csv, eval/*/confusion.png", lines.join("\n"), out.display()))
+    });
+    output::follow(handle)
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     quiet_headless_wayland_probe();
@@ -313,6 +417,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Default(args)) => default_cmd(&cli.device, args),
         Some(Command::Pretrain(args)) => pretrain_cmd(&cli.device, *args),
         Some(Command::Resume(args)) => resume_cmd(&cli.device, args),
+        Some(Command::Pipeline(args)) => pipeline_cmd(&cli.device, *args),
         None => {
             if !cli.no_gui {
                 eprintln!("explora: the desktop app is not built yet; running the built-in default headless.");

@@ -2,6 +2,7 @@
 //! procedurally generated satellite-like domain. This module knows nothing about the model.
 
 pub mod folder;
+pub mod labelled;
 pub mod multicrop;
 pub mod preprocess;
 pub mod procedural;
@@ -9,10 +10,11 @@ pub mod procedural;
 use std::path::PathBuf;
 
 pub use folder::{ImageItem, ImageList, SkipReport, decode_rgb};
+pub use labelled::{LabelledSet, Split, Splits};
 pub use multicrop::{
     BatchSpec, CropBatch, CropLoader, Crops, FieldError, FolderSource, ImageSource, MaskConfig,
     MultiCropConfig, ProceduralSource, augment, block_mask, build_batch, contact_sheet,
-    masked_crops, max_masked,
+    masked_crops, max_masked, train_view,
 };
 pub use preprocess::{Preprocess, denormalize_chw_to_rgb, load_batch, normalize_chw};
 pub use procedural::{ProceduralDomain, SceneClass, generate_image_folder, generate_tile};

@@ -332,6 +332,7 @@ fn mix64(mut z: u64) -> u64 {
 const STREAM_ORDER: u64 = 0x0DE5_0F0E_90C8_5EED;
 const STREAM_AUGMENT: u64 = 0xA5A5_C20B_5A11_0001;
 const STREAM_MASKS: u64 = 0x1B07_3A5C_0000_0002;
+const STREAM_SUPERVISED: u64 = 0x5EB7_1CED_0000_0003;
 
 /// A generator for item `index` of stream `stream` under `seed`.
 fn stream_rng(seed: u64, stream: u64, index: u64) -> Xoshiro256PlusPlus {
@@ -442,6 +443,17 @@ fn geometric(crop: &mut RgbImage, cfg: &MultiCropConfig, rng: &mut Xoshiro256Plu
             imageops::flip_vertical_in_place(crop);
         }
     }
+}
+
+/// A view of `image` for supervised training: a random resized crop of side `size` covering a
+/// fraction `scale` of the area, a horizontal flip, and for overhead imagery random 90°
+/// rotations and vertical flips. Seeded by `(seed, index)`, like the multi-crop views.
+pub fn train_view(image: &RgbImage, size: u32, scale: [f32; 2], overhead: bool, seed: u64, index: u64) -> RgbImage {
+    let mut rng = stream_rng(seed, STREAM_SUPERVISED, index);
+    let mut crop = random_resized_crop(image, size.max(1), scale, &mut rng);
+    let cfg = MultiCropConfig { hflip: 0.5, overhead, ..MultiCropConfig::default() };
+    geometric(&mut crop, &cfg, &mut rng);
+    crop
 }
 
 /// ITU-R 601 luma of an RGB triple (same scale as the input).

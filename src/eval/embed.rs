@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use anyhow::Context;
 
 use super::{images_tensor, to_vec};
-use crate::checkpoint::{Metadata, RawTensor, TensorMap, write_safetensors};
+use crate::checkpoint::{Metadata, RawTensor, TensorMap, read_safetensors, write_safetensors};
 use crate::data::{ImageList, Preprocess, SkipReport, load_batch};
 use crate::engine::{Flow, JobContext};
 use crate::model::{ForwardOptions, Vit};
@@ -36,9 +36,59 @@ impl Features {
         self.paths.is_empty()
     }
 
+    /// DINOv2's linear-probe input: each row is the CLS token followed by the mean patch
+    /// token, `[n, 2·dim]`.
+    pub fn cls_and_patch_mean(&self) -> Vec<f32> {
+        let d = self.dim;
+        self.cls.chunks(d).zip(self.patch_mean.chunks(d)).flat_map(|(c, p)| c.iter().chain(p).copied()).collect()
+    }
+
+    /// The class index of every row (an image without a label is an error).
+    pub fn labels(&self) -> anyhow::Result<Vec<usize>> {
+        self.labels
+            .iter()
+            .zip(&self.paths)
+            .map(|(l, p)| l.ok_or_else(|| anyhow::anyhow!("{} has no class label", p.display())))
+            .collect()
+    }
+
+    /// Reads a file written by [`Features::save`]; `key` is the cache key it was saved with.
+    pub fn load(path: &Path) -> anyhow::Result<(Self, Option<String>)> {
+        let (tensors, meta) = read_safetensors(path)?;
+        if meta.get("format").map(String::as_str) != Some("explora-features-v1") {
+            anyhow::bail!("{} is not an explora features file", path.display());
+        }
+        let get = |name: &str| tensors.get(name).ok_or_else(|| anyhow::anyhow!("{} lacks `{name}`", path.display()));
+        let (cls, patch_mean) = (get("cls")?, get("patch_mean")?);
+        let paths: Vec<PathBuf> = serde_json::from_str(meta.get("paths").map_or("[]", String::as_str))?;
+        let classes: Vec<String> = serde_json::from_str(meta.get("classes").map_or("[]", String::as_str))?;
+        let labels = match tensors.get("labels") {
+            Some(l) => l.data.iter().map(|&v| (v >= 0.0).then_some(v as usize)).collect(),
+            None => vec![None; paths.len()],
+        };
+        let features = Features {
+            dim: cls.shape.get(1).copied().unwrap_or(0),
+            cls: cls.data.clone(),
+            patch_mean: patch_mean.data.clone(),
+            paths,
+            labels,
+            classes,
+            ..Default::default()
+        };
+        if features.cls.len() != features.len() * features.dim || features.labels.len() != features.len() {
+            anyhow::bail!("{} is inconsistent (rows and paths differ)", path.display());
+        }
+        Ok((features, meta.get("key").cloned()))
+    }
+
     /// Writes `cls`, `patch_mean` (and `labels` when the folder has classes) to a safetensors
     /// file; paths and class names go into its metadata as JSON.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        self.save_keyed(path, None)
+    }
+
+    /// [`Features::save`] with a cache key in the metadata.
+    pub fn save_keyed(&self, path: &Path, key: Option<&str>) -> anyhow::Result<()> {
         let n = self.len();
         let mut tensors = TensorMap::new();
         tensors.insert("cls".into(), RawTensor::new(vec![n, self.dim], self.cls.clone()));
@@ -51,6 +101,9 @@ impl Features {
         meta.insert("format".into(), "explora-features-v1".into());
         meta.insert("paths".into(), serde_json::to_string(&self.paths)?);
         meta.insert("classes".into(), serde_json::to_string(&self.classes)?);
+        if let Some(key) = key {
+            meta.insert("key".into(), key.into());
+        }
         write_safetensors(path, &tensors, &meta).with_context(|| format!("writing {}", path.display()))
     }
 }
@@ -115,6 +168,38 @@ pub fn extract(
     })?;
     if let Some(summary) = features.skipped.summary() {
         ctx.warn(summary);
+    }
+    Ok(features)
+}
+
+/// Features of `list` from the cache file `path` when it was written under the same `key`
+/// (same backbone, image size and images), otherwise extracted and cached there. A stopped
+/// extraction is not cached.
+pub fn cached(
+    model: &Vit,
+    list: &ImageList,
+    pre: &Preprocess,
+    batch: usize,
+    path: &Path,
+    key: &str,
+    ctx: &mut JobContext,
+) -> anyhow::Result<Features> {
+    if path.exists() {
+        match Features::load(path) {
+            Ok((features, Some(found))) if found == key => {
+                ctx.info(format!("features from cache {}", path.display()));
+                return Ok(features);
+            }
+            Ok(_) => ctx.info(format!("{} was computed for other inputs: recomputing", path.display())),
+            Err(e) => ctx.warn(format!("ignoring unreadable feature cache: {e:#}")),
+        }
+    }
+    let features = extract(model, list, pre, batch, ctx)?;
+    if !features.stopped {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        features.save_keyed(path, Some(key))?;
     }
     Ok(features)
 }

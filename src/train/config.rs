@@ -44,6 +44,9 @@ pub struct DataSection {
     /// Any folder tree of images (labels ignored). Without it, a procedural satellite-like
     /// domain of `procedural_tiles` tiles is generated in memory.
     pub images: Option<PathBuf>,
+    /// A text file listing image paths, one per line (instead of `images`; `explora
+    /// pipeline` writes one for the training split of a labelled set).
+    pub list: Option<PathBuf>,
     pub procedural_tiles: usize,
     pub procedural_size: u32,
     /// Batches prepared ahead on worker threads.
@@ -52,7 +55,7 @@ pub struct DataSection {
 
 impl Default for DataSection {
     fn default() -> Self {
-        Self { images: None, procedural_tiles: 2_000, procedural_size: 256, prefetch: 3 }
+        Self { images: None, list: None, procedural_tiles: 2_000, procedural_size: 256, prefetch: 3 }
     }
 }
 
@@ -251,7 +254,15 @@ impl PretrainConfig {
         {
             return Err(bad("data.images", format!("{} is not a folder", path.display())));
         }
-        if self.data.images.is_none() && self.data.procedural_tiles == 0 {
+        if let Some(path) = &self.data.list {
+            if !path.is_file() {
+                return Err(bad("data.list", format!("{} is not a file", path.display())));
+            }
+            if self.data.images.is_some() {
+                return Err(bad("data.list", "give either `images` (a folder) or `list` (a file of paths), not both"));
+            }
+        }
+        if self.data.images.is_none() && self.data.list.is_none() && self.data.procedural_tiles == 0 {
             return Err(bad("data.procedural_tiles", "must be at least 1 when no `images` folder is given"));
         }
         if self.data.procedural_size < 8 {

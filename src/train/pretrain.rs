@@ -52,7 +52,7 @@ impl PretrainJob {
 }
 
 /// Outcome of a run, for the report and tests.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PretrainSummary {
     pub steps_done: u64,
     pub stopped_early: bool,
@@ -87,6 +87,12 @@ fn load_base(config: &mut PretrainConfig, out: &Path, device: &Device) -> anyhow
 }
 
 fn source_for(config: &PretrainConfig) -> anyhow::Result<Arc<dyn ImageSource>> {
+    if let Some(file) = &config.data.list {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading the image list {}", file.display()))?;
+        let paths: Vec<PathBuf> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(PathBuf::from).collect();
+        anyhow::ensure!(!paths.is_empty(), "the image list {} is empty", file.display());
+        return Ok(Arc::new(FolderSource { list: ImageList::from_paths(paths) }));
+    }
     Ok(match &config.data.images {
         Some(root) => Arc::new(FolderSource { list: ImageList::scan(root)? }),
         None => Arc::new(ProceduralSource {
@@ -445,9 +451,10 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
 fn report_text(config: &PretrainConfig, plan: &AdaptationPlan, vit: &VitConfig, s: &PretrainSummary) -> String {
     let budget = plan.budget(vit);
     let pct = |v: Option<f64>| v.map_or("—".into(), |v| format!("{:.1}%", 100.0 * v));
-    let data = match &config.data.images {
-        Some(p) => format!("images under `{}`", p.display()),
-        None => format!("{} procedural satellite-like tiles ({} px)", config.data.procedural_tiles, config.data.procedural_size),
+    let data = match (&config.data.images, &config.data.list) {
+        (Some(p), _) => format!("images under `{}`", p.display()),
+        (None, Some(p)) => format!("the images listed in `{}`", p.display()),
+        (None, None) => format!("{} procedural satellite-like tiles ({} px)", config.data.procedural_tiles, config.data.procedural_size),
     };
     format!(
         "# ExPLoRA pre-training\n\n\

@@ -174,3 +174,24 @@ fn plan_prints_the_papers_vitl14_budget_and_rejects_bad_ranks() {
     let out = explora(&["plan", "--arch", "tiny", "--unfreeze", "7"]);
     assert!(text(&out).contains("block 7 is out of range: the model has blocks 0..=3"), "{}", text(&out));
 }
+
+#[test]
+fn pipeline_prints_its_config_and_names_bad_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = explora(&["pipeline", "--print-config", "--steps", "3", "--finetune", "--image-size", "56"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let config: explora::eval::PipelineConfig = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!((config.pretrain.run.steps, config.data.image_size), (3, 56));
+    assert_eq!(config.finetune.unwrap().plan.lora_rank, Some(8));
+
+    let out = explora(&["--no-gui", "pipeline", "--labelled", "/no/such/set"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("`data.labelled` /no/such/set does not exist"), "{}", text(&out));
+
+    let bad = dir.path().join("pipeline.toml");
+    std::fs::write(&bad, "[probe]\nlr = [0.1]\n").unwrap();
+    let out = explora(&["--no-gui", "pipeline", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("unknown field `lr`"), "{}", text(&out));
+}

@@ -1,0 +1,585 @@
+//! `explora pipeline`: "did extended pre-training help on my domain?" For one backbone and
+//! one labelled dataset it evaluates (a) the source backbone as it is and (b) the backbone
+//! after ExPLoRA pre-training on the training split's images (labels unused), each with k-NN
+//! and a linear probe (and optionally LoRA fine-tuning), and writes the comparison:
+//!
+//! - `pipeline.toml` (the config), `splits.csv` (path, label, split of every image);
+//! - `pretrain/` — the ExPLoRA run folder (resumed if the pipeline is run again);
+//! - `features/<variant>-<split>.safetensors` — cached features (reused while the backbone,
+//!   image size and images are the same);
+//! - `eval/<variant>-<method>/` — `metrics.json`, `confusion.png`;
+//! - `report.md`, `report.csv` — one row per variant and method.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use super::embed::{Features, cached};
+use super::finetune::{FinetuneConfig, finetune};
+use super::knn::{KnnConfig, knn_classify};
+use super::linear::{Labelled, ProbeConfig, train_probe};
+use super::metrics::Metrics;
+use crate::checkpoint::{load_backbone, load_backbone_with, save_backbone};
+use crate::data::{LabelledSet, Preprocess, Split, Splits, generate_image_folder};
+use crate::engine::JobContext;
+use crate::model::VitConfig;
+use crate::train::config::ModelSection;
+use crate::train::{PretrainConfig, PretrainJob, pretrain};
+
+/// The labelled dataset and how it is split and fed to the backbone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LabelledSection {
+    /// An ImageFolder or a `path,label` CSV manifest. Without it, a procedural labelled set
+    /// (5 scene classes) is generated into the run folder.
+    pub labelled: Option<PathBuf>,
+    /// Class names in order (optional; default: sorted folder names or labels).
+    pub classes: Option<Vec<String>>,
+    /// Train, validation and test fractions (stratified per class).
+    pub split: [f64; 3],
+    /// Use at most this many images per class (0: all).
+    pub max_per_class: usize,
+    /// Input size for evaluation (a multiple of the patch size).
+    pub image_size: u32,
+    /// Feature-extraction batch.
+    pub batch: usize,
+    /// Procedural set: tiles per class and their size.
+    pub procedural_per_class: usize,
+    pub procedural_size: u32,
+    pub seed: u64,
+}
+
+impl Default for LabelledSection {
+    fn default() -> Self {
+        Self {
+            labelled: None,
+            classes: None,
+            split: [0.6, 0.2, 0.2],
+            max_per_class: 0,
+            image_size: 224,
+            batch: 64,
+            procedural_per_class: 40,
+            procedural_size: 64,
+            seed: 0,
+        }
+    }
+}
+
+/// Everything `explora pipeline` does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub model: ModelSection,
+    pub data: LabelledSection,
+    /// The ExPLoRA pre-training; its `model` and `data` are set by the pipeline (the backbone
+    /// above, the training split's images).
+    pub pretrain: PretrainConfig,
+    pub knn: KnnConfig,
+    pub probe: ProbeConfig,
+    /// Present: LoRA fine-tuning (or the plan given here) of both variants as a third method.
+    pub finetune: Option<FinetuneConfig>,
+    /// Fine-tune once per preset named here (e.g. `["lora", "full", "linear"]`) instead of
+    /// only with `finetune.plan`; each is a row `finetune-<preset>`.
+    pub finetune_presets: Vec<String>,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        let mut pretrain = PretrainConfig::default();
+        pretrain.monitor.knn_every = 0;
+        Self {
+            model: ModelSection::default(),
+            data: LabelledSection::default(),
+            pretrain,
+            knn: KnnConfig::default(),
+            probe: ProbeConfig::default(),
+            finetune: None,
+            finetune_presets: Vec::new(),
+        }
+    }
+}
+
+fn bad(field: &str, reason: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("invalid pipeline config: `{field}` {reason}")
+}
+
+impl PipelineConfig {
+    /// The built-in comparison: the tiny backbone (random weights) on a procedural labelled
+    /// set, with a short pre-training — every stage in minutes on any machine.
+    pub fn builtin(software: bool) -> Self {
+        let mut c = Self::default();
+        c.model.arch = Some("tiny".into());
+        c.data.image_size = 32;
+        c.data.batch = 32;
+        c.pretrain = if software { PretrainConfig::builtin_software() } else { PretrainConfig::builtin() };
+        c.pretrain.monitor.knn_every = 0;
+        c.pretrain.crops.global_size = 32;
+        c.pretrain.crops.local_size = 16;
+        c.probe.epochs = 50;
+        c
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read pipeline config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("pipeline config {}: {e}", path.display()))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serialises")
+    }
+
+    /// Checks what needs no model; errors name the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.model.weights.is_none() && self.model.arch.is_none() {
+            return Err(bad("model", "give `weights` (a checkpoint) or `arch` (a preset, random weights)"));
+        }
+        if let Some(w) = &self.model.weights
+            && !w.exists()
+        {
+            return Err(bad("model.weights", format!("{} does not exist", w.display())));
+        }
+        if let Some(l) = &self.data.labelled
+            && !l.exists()
+        {
+            return Err(bad("data.labelled", format!("{} does not exist", l.display())));
+        }
+        let d = &self.data;
+        if d.image_size < 8 {
+            return Err(bad("data.image_size", "must be at least 8 pixels"));
+        }
+        if d.batch == 0 {
+            return Err(bad("data.batch", "must be at least 1"));
+        }
+        if d.labelled.is_none() && (d.procedural_per_class < 3 || d.procedural_size < 8) {
+            return Err(bad("data.procedural_per_class", "needs ≥ 3 tiles per class of ≥ 8 px"));
+        }
+        if self.knn.k == 0 || !(self.knn.temperature > 0.0) {
+            return Err(bad("knn", "k must be ≥ 1 and temperature > 0"));
+        }
+        self.probe.validate().map_err(|e| bad("probe", e))?;
+        if let Some(f) = &self.finetune {
+            f.validate().map_err(|(field, reason)| bad(&format!("finetune.{field}"), reason))?;
+        }
+        if let Some(p) = self.finetune_presets.iter().find(|p| p.parse::<crate::peft::Preset>().is_err()) {
+            return Err(bad("finetune_presets", format!("`{p}` is not a preset (explora, lora, linear, full, blocks:K)")));
+        }
+        if !self.finetune_presets.is_empty() && self.finetune.is_none() {
+            return Err(bad("finetune_presets", "needs a [finetune] section"));
+        }
+        let mut pre = self.pretrain.clone();
+        pre.model = self.model.clone();
+        pre.data.images = None;
+        pre.validate().map_err(|e| bad(&format!("pretrain.{}", e.field), e.reason))?;
+        Ok(())
+    }
+}
+
+/// One line of the comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub variant: String,
+    pub method: String,
+    pub top1: f64,
+    pub top5: f64,
+    pub macro_f1: f64,
+    pub per_class: Vec<f64>,
+    /// Parameters ExPLoRA pre-training trained (0 for the source backbone).
+    pub pretrain_trainable: usize,
+    /// Parameters the evaluation itself trained (probe head; fine-tune adapters + head).
+    pub eval_trainable: usize,
+    /// Images through the backbone in training: pre-training plus fine-tuning.
+    pub images_seen: u64,
+    /// Pre-training + feature extraction + the method, in seconds.
+    pub seconds: f64,
+    pub peak_gpu_bytes: Option<u64>,
+    /// What the method chose (probe lr, fine-tune epoch).
+    pub note: String,
+}
+
+/// What the pipeline produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineSummary {
+    pub rows: Vec<Row>,
+    pub classes: Vec<String>,
+    pub split_sizes: [usize; 3],
+    pub stopped: bool,
+}
+
+struct Variant {
+    name: &'static str,
+    weights: PathBuf,
+    pretrain_trainable: usize,
+    images_seen: u64,
+    seconds: f64,
+    peak_gpu_bytes: Option<u64>,
+}
+
+fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+/// The cache key of a feature file: the weights file (path, size, modification time), the
+/// input size and the images.
+fn cache_key(weights: &Path, size: u32, items: &[(PathBuf, usize)]) -> String {
+    use std::hash::{Hash, Hasher};
+    let meta = std::fs::metadata(weights).ok();
+    let modified = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    items.hash(&mut h);
+    format!(
+        "{}|{}|{:?}|size={size}|n={}|{:016x}",
+        weights.display(),
+        meta.map_or(0, |m| m.len()),
+        modified,
+        items.len(),
+        h.finish()
+    )
+}
+
+/// Runs the comparison into `out`; running it again continues where it stopped.
+pub fn run_pipeline(config: &PipelineConfig, out: &Path, device: &Device, ctx: &mut JobContext) -> anyhow::Result<PipelineSummary> {
+    config.validate()?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("pipeline.toml"), config.to_toml())?;
+    let seed = config.data.seed;
+
+    // Data and splits.
+    ctx.phase("preparing the labelled set", None);
+    let labelled_path = match &config.data.labelled {
+        Some(p) => p.clone(),
+        None => {
+            let dir = out.join("data");
+            if !dir.join(".complete").exists() {
+                generate_image_folder(&dir, config.data.procedural_per_class, config.data.procedural_size, seed)?;
+                std::fs::write(dir.join(".complete"), "")?;
+            }
+            dir
+        }
+    };
+    let set = LabelledSet::open(&labelled_path, config.data.classes.as_deref())?;
+    let splits = Splits::stratified(&set, config.data.split, config.data.max_per_class, seed)?;
+    splits.save(&set, &out.join("splits.csv"))?;
+    let items = |split: Split| -> Vec<(PathBuf, usize)> { splits.get(split).iter().map(|&i| set.items[i].clone()).collect() };
+    let (train, val, test) = (items(Split::Train), items(Split::Val), items(Split::Test));
+    let classes = set.classes.len();
+    ctx.info(format!(
+        "{}: {} images in {classes} classes; split {} train / {} val / {} test (seed {seed})",
+        set.origin.display(),
+        set.len(),
+        train.len(),
+        val.len(),
+        test.len()
+    ));
+
+    // The source backbone: the given checkpoint, or seeded random weights saved once.
+    let arch = match &config.model.arch {
+        Some(name) => Some(VitConfig::preset(name).ok_or_else(|| bad("model.arch", format!("{name} is not a preset")))?),
+        None => None,
+    };
+    let source_weights = match &config.model.weights {
+        Some(w) => w.clone(),
+        None => {
+            let path = out.join("base.safetensors");
+            if !path.exists() {
+                device.seed(seed);
+                save_backbone(&arch.clone().expect("validated: weights or arch").init(device), &path)?;
+            }
+            path
+        }
+    };
+    let vit = load_backbone_with(&source_weights, arch.clone(), device)?.0.config().clone();
+    let size = config.data.image_size;
+    anyhow::ensure!(
+        size as usize % vit.patch_size == 0,
+        "invalid pipeline config: `data.image_size` {size} is not a multiple of the model's patch size {}",
+        vit.patch_size
+    );
+
+    let mut summary = PipelineSummary { rows: Vec::new(), classes: set.classes.clone(), split_sizes: [train.len(), val.len(), test.len()], stopped: false };
+    let source = Variant { name: "source", weights: source_weights.clone(), pretrain_trainable: 0, images_seen: 0, seconds: 0.0, peak_gpu_bytes: None };
+    if !evaluate(&source, config, &set.classes, [&train, &val, &test], size, out, device, ctx, &mut summary)? {
+        summary.stopped = true;
+        return Ok(summary);
+    }
+
+    // ExPLoRA pre-training on the training images (labels unused).
+    let pre_dir = out.join("pretrain");
+    std::fs::create_dir_all(&pre_dir)?;
+    let list = out.join("train-images.txt");
+    let lines: String = train.iter().map(|(p, _)| format!("{}\n", p.display())).collect();
+    std::fs::write(&list, lines)?;
+    let mut pre_config = config.pretrain.clone();
+    pre_config.model = ModelSection { weights: Some(source_weights.clone()), arch: config.model.arch.clone() };
+    pre_config.data.images = None;
+    pre_config.data.list = Some(list);
+    pre_config.run.seed = seed;
+    let adapted = pre_dir.join("backbone.safetensors");
+    let began = Instant::now();
+    let done_before = adapted.exists() && pre_dir.join("summary.json").exists();
+    let pre_summary: crate::train::PretrainSummary = if done_before {
+        ctx.info(format!("pre-training already done in {} (delete the folder to redo it)", pre_dir.display()));
+        serde_json::from_str(&std::fs::read_to_string(pre_dir.join("summary.json"))?)?
+    } else {
+        let resume = !crate::train::state::list(&pre_dir).is_empty();
+        let job = PretrainJob { config: pre_config.clone(), out: pre_dir.clone(), resume };
+        let s = pretrain(&job, device, ctx)?;
+        if s.stopped_early {
+            summary.stopped = true;
+            return Ok(summary);
+        }
+        std::fs::write(pre_dir.join("summary.json"), serde_json::to_string_pretty(&s)?)?;
+        s
+    };
+    let pre_seconds = if done_before { pre_summary.images_seen as f64 / pre_summary.images_per_second.max(1e-9) } else { began.elapsed().as_secs_f64() };
+    let plan = pre_config.plan.resolve(&vit).map_err(|e| anyhow::anyhow!("[pretrain.plan] {e}"))?;
+    let explora = Variant {
+        name: "explora",
+        weights: adapted,
+        pretrain_trainable: plan.budget(&vit).trainable,
+        images_seen: pre_summary.images_seen,
+        seconds: pre_seconds,
+        peak_gpu_bytes: pre_summary.peak_gpu_bytes,
+    };
+    if !evaluate(&explora, config, &set.classes, [&train, &val, &test], size, out, device, ctx, &mut summary)? {
+        summary.stopped = true;
+        return Ok(summary);
+    }
+
+    ctx.phase("writing the report", None);
+    std::fs::write(out.join("report.csv"), report_csv(&summary))?;
+    std::fs::write(out.join("report.md"), report_md(config, &summary, &set, &pre_config))?;
+    ctx.artifact("comparison report", out.join("report.md"));
+    Ok(summary)
+}
+
+/// k-NN, linear probe (and fine-tuning) of one variant; false if a stop command came.
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    variant: &Variant,
+    config: &PipelineConfig,
+    class_names: &[String],
+    [train, val, test]: [&Vec<(PathBuf, usize)>; 3],
+    size: u32,
+    out: &Path,
+    device: &Device,
+    ctx: &mut JobContext,
+    summary: &mut PipelineSummary,
+) -> anyhow::Result<bool> {
+    let classes = class_names.len();
+    ctx.info(format!("evaluating the {} backbone ({})", variant.name, variant.weights.display()));
+    let began = Instant::now();
+    let (model, _) = load_backbone(&variant.weights, device)?;
+    let pre = Preprocess::new(size);
+    let mut features: Vec<Features> = Vec::new();
+    for (split, items) in [(Split::Train, train), (Split::Val, val), (Split::Test, test)] {
+        let list = crate::data::ImageList {
+            root: PathBuf::new(),
+            items: items.iter().map(|(p, l)| crate::data::ImageItem { path: p.clone(), label: Some(*l) }).collect(),
+            classes: class_names.to_vec(),
+        };
+        let file = out.join("features").join(format!("{}-{split}.safetensors", variant.name));
+        let f = cached(&model, &list, &pre, config.data.batch, &file, &cache_key(&variant.weights, size, items), ctx)?;
+        if f.stopped {
+            return Ok(false);
+        }
+        features.push(f);
+    }
+    let extract_seconds = began.elapsed().as_secs_f64();
+    let extract_memory = crate::device::memory_reserved(device);
+    drop(model);
+    let [ftrain, fval, ftest] = [&features[0], &features[1], &features[2]];
+    let (ytrain, yval, ytest) = (ftrain.labels()?, fval.labels()?, ftest.labels()?);
+    let base_row = |method: &str, m: &Metrics, eval_trainable: usize, seconds: f64, note: String| Row {
+        variant: variant.name.into(),
+        method: method.into(),
+        top1: m.top1,
+        top5: m.top5,
+        macro_f1: m.macro_f1,
+        per_class: m.per_class.clone(),
+        pretrain_trainable: variant.pretrain_trainable,
+        eval_trainable,
+        images_seen: variant.images_seen,
+        seconds: variant.seconds + extract_seconds + seconds,
+        peak_gpu_bytes: max_opt(variant.peak_gpu_bytes, extract_memory),
+        note,
+    };
+
+    // k-NN on the CLS token (DINO).
+    let t = Instant::now();
+    let knn = knn_classify(&ftrain.cls, &ytrain, &ftest.cls, &ytest, ftrain.dim, classes, config.knn);
+    let row = base_row("knn", &knn, 0, t.elapsed().as_secs_f64(), format!("k = {}, T = {}", config.knn.k, config.knn.temperature));
+    record(out, row, &knn, class_names, ctx, summary)?;
+
+    // Linear probe on [CLS ‖ mean patch] (DINOv2).
+    let t = Instant::now();
+    let (xtrain, xval, xtest) = (ftrain.cls_and_patch_mean(), fval.cls_and_patch_mean(), ftest.cls_and_patch_mean());
+    let dim = 2 * ftrain.dim;
+    let probe = train_probe(
+        Labelled { features: &xtrain, labels: &ytrain },
+        Labelled { features: &xval, labels: &yval },
+        dim,
+        classes,
+        &config.probe,
+        config.data.seed,
+    );
+    let metrics = Metrics::from_scores(&probe.probe.scores(&xtest), classes, &ytest);
+    let note = format!(
+        "lr {} wd {} (val top-1 {:.1}%; sweep of {})",
+        probe.best.lr,
+        probe.best.weight_decay,
+        100.0 * probe.best.val_top1,
+        probe.sweep.len()
+    );
+    let row = base_row("linear-probe", &metrics, dim * classes + classes, t.elapsed().as_secs_f64(), note);
+    let dir = record(out, row, &metrics, class_names, ctx, summary)?;
+    std::fs::write(dir.join("sweep.json"), serde_json::to_string_pretty(&probe.sweep)?)?;
+
+    // Fine-tuning: LoRA by default, or one run per preset asked for.
+    if let Some(ft) = &config.finetune {
+        let presets = if config.finetune_presets.is_empty() { vec![ft.plan.preset.clone()] } else { config.finetune_presets.clone() };
+        for preset in presets {
+            let mut ft = ft.clone();
+            ft.plan.preset = preset.clone();
+            let method = format!("finetune-{preset}").replace(':', "");
+            let dir = out.join("eval").join(format!("{}-{method}", variant.name));
+            let result = finetune(&variant.weights, classes, train, val, test, size, &ft, config.data.seed, &dir, device, ctx)?;
+            if result.stopped {
+                return Ok(false);
+            }
+            let note = format!("best epoch {} of {} (val top-1 {:.1}%)", result.best_epoch, result.epochs_run, 100.0 * result.best_val_top1);
+            let mut row = base_row(&method, &result.test, result.trainable, result.seconds - extract_seconds, note);
+            row.images_seen += result.images_seen;
+            row.peak_gpu_bytes = max_opt(row.peak_gpu_bytes, result.peak_gpu_bytes);
+            record(out, row, &result.test, class_names, ctx, summary)?;
+        }
+    }
+    Ok(true)
+}
+
+/// Writes a row's metrics and confusion matrix, logs it and adds it to the summary.
+fn record(out: &Path, row: Row, metrics: &Metrics, classes: &[String], ctx: &mut JobContext, summary: &mut PipelineSummary) -> anyhow::Result<PathBuf> {
+    let dir = out.join("eval").join(format!("{}-{}", row.variant, row.method));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&serde_json::json!({ "row": &row, "metrics": metrics, "classes": classes }))?)?;
+    let title = format!("{} backbone, {}: top-1 {:.1}% on {} test images", row.variant, row.method, 100.0 * row.top1, metrics.samples);
+    let png = dir.join("confusion.png");
+    super::figure::confusion_matrix(&metrics.confusion, classes, &title)
+        .save(&png)
+        .with_context(|| format!("writing {}", png.display()))?;
+    ctx.info(format!(
+        "{} / {}: top-1 {:.1}%, top-5 {:.1}%, macro-F1 {:.3} ({})",
+        row.variant,
+        row.method,
+        100.0 * row.top1,
+        100.0 * row.top5,
+        row.macro_f1,
+        row.note
+    ));
+    ctx.artifact(format!("confusion matrix, {} {}", row.variant, row.method), &png);
+    summary.rows.push(row);
+    Ok(dir)
+}
+
+fn gib(bytes: Option<u64>) -> String {
+    bytes.map_or("n/a".into(), |b| format!("{:.2}", b as f64 / (1u64 << 30) as f64))
+}
+
+fn report_csv(s: &PipelineSummary) -> String {
+    let mut text = String::from("variant,method,top1,top5,macro_f1,pretrain_trainable,eval_trainable,images_seen,seconds,peak_gpu_gib\n");
+    for r in &s.rows {
+        text.push_str(&format!(
+            "{},{},{:.4},{:.4},{:.4},{},{},{},{:.1},{}\n",
+            r.variant,
+            r.method,
+            r.top1,
+            r.top5,
+            r.macro_f1,
+            r.pretrain_trainable,
+            r.eval_trainable,
+            r.images_seen,
+            r.seconds,
+            gib(r.peak_gpu_bytes)
+        ));
+    }
+    text
+}
+
+fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &LabelledSet, pre: &PretrainConfig) -> String {
+    let pct = |v: f64| if v.is_nan() { "—".to_string() } else { format!("{:.1}", 100.0 * v) };
+    let mut md = String::from("# Did ExPLoRA pre-training help?\n\n");
+    md.push_str(&format!(
+        "- backbone: `{}`\n- labelled set: `{}` ({} images, {} classes); split {} train / {} val / {} test, seed {}\n\
+         - evaluation input: {} px; k-NN on the CLS token (k = {}, T = {}); linear probe on [CLS ‖ mean patch], \
+         {} settings swept, chosen on val\n- ExPLoRA pre-training: {} steps × {} images on the training split \
+         (labels unused), plan `{}`\n\n",
+        config.model.weights.as_ref().map_or_else(|| format!("{} (random weights)", config.model.arch.clone().unwrap_or_default()), |p| p.display().to_string()),
+        set.origin.display(),
+        set.len(),
+        set.classes.len(),
+        s.split_sizes[0],
+        s.split_sizes[1],
+        s.split_sizes[2],
+        config.data.seed,
+        config.data.image_size,
+        config.knn.k,
+        config.knn.temperature,
+        config.probe.lrs.len() * config.probe.weight_decays.len(),
+        pre.run.steps,
+        pre.optim.effective_batch(),
+        pre.plan.preset,
+    ));
+    md.push_str("| variant | method | top-1 % | top-5 % | macro-F1 | trained in pre-training | trained in evaluation | images seen | wall time (s) | peak GPU (GiB) | notes |\n");
+    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    for r in &s.rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.3} | {} | {} | {} | {:.1} | {} | {} |\n",
+            r.variant,
+            r.method,
+            pct(r.top1),
+            pct(r.top5),
+            r.macro_f1,
+            r.pretrain_trainable,
+            r.eval_trainable,
+            r.images_seen,
+            r.seconds,
+            gib(r.peak_gpu_bytes),
+            r.note
+        ));
+    }
+    let by = |variant: &str, method: &str| s.rows.iter().find(|r| r.variant == variant && r.method == method);
+    md.push_str("\n## Verdict\n\n");
+    for method in s.rows.iter().filter(|r| r.variant == "source").map(|r| r.method.as_str()) {
+        if let (Some(a), Some(b)) = (by("source", method), by("explora", method)) {
+            let delta = 100.0 * (b.top1 - a.top1);
+            md.push_str(&format!(
+                "- {method}: {} → {} top-1 ({:+.1} points){}\n",
+                pct(a.top1),
+                pct(b.top1),
+                delta,
+                if delta > 0.0 { "" } else { " — pre-training did not help here" }
+            ));
+        }
+    }
+    md.push_str("\n## Per-class accuracy (%)\n\n| class |");
+    for r in &s.rows {
+        md.push_str(&format!(" {} {} |", r.variant, r.method));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(s.rows.len()));
+    md.push('\n');
+    for (c, name) in s.classes.iter().enumerate() {
+        md.push_str(&format!("| {name} |"));
+        for r in &s.rows {
+            md.push_str(&format!(" {} |", pct(r.per_class[c])));
+        }
+        md.push('\n');
+    }
+    md.push_str("\nConfusion matrices: `eval/<variant>-<method>/confusion.png`; the probe's sweep: `eval/<variant>-linear-probe/sweep.json`; the splits: `splits.csv`.\n");
+    md
+}
