@@ -4,6 +4,7 @@
 mod checkpoints;
 mod cli;
 mod common;
+mod gui;
 mod model;
 mod parity;
 mod peft;
