@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/explora-ci-target}"
 bin="$CARGO_TARGET_DIR/release/explora"
-[ -x "$bin" ] || cargo build --release
+cargo build --release --bin explora --quiet
 out="${GUI_SMOKE_OUT:-$CARGO_TARGET_DIR/gui-smoke}"
 seconds="${GUI_SMOKE_SECONDS:-20}"
 rm -rf "$out"
@@ -32,6 +32,6 @@ done
 run=$(ls -d "$work"/runs/app-* | head -n1)
 ls "$run"/checkpoints/step-*.safetensors >/dev/null || { echo "gui smoke: stopping the app wrote no checkpoint in $run" >&2; exit 1; }
 step=$(ls "$run"/checkpoints | sed -n 's/^step-0*\([0-9][0-9]*\)\.safetensors$/\1/p' | sort -n | tail -n1)
-"$bin" --no-gui resume "$run" --steps $(( step + 1 )) 2>&1 | tail -n 3
+(cd "$work" && "$bin" --no-gui resume "$run" --steps $(( step + 1 )) 2>&1 | tail -n 3)
 [ -s "$run/backbone.safetensors" ] || { echo "gui smoke: the headless resume did not finish the run" >&2; exit 1; }
 echo "gui smoke: ok (screenshots in $out, the app's run resumed headless from step $step)"

@@ -276,7 +276,7 @@ impl Smoke {
             seconds: secs.parse().ok()?,
             out: PathBuf::from(out),
             began: None,
-            todo: vec![Tab::Training, Tab::Batch, Tab::Attention, Tab::Adaptation, Tab::Setup, Tab::Results],
+            todo: vec![Tab::Batch, Tab::Attention, Tab::Adaptation, Tab::Setup, Tab::Results, Tab::Training],
             showing: None,
             waiting: Arc::new(Mutex::new(None)),
             shot_pending: false,
@@ -303,13 +303,13 @@ impl Smoke {
             *tab = Tab::Training;
             Instant::now()
         });
-        let trained = state.series.get("loss").is_some_and(|s| !s.is_empty());
+        // Train for `seconds`, and at least two steps (the first one compiles the shaders, which
+        // takes a minute or two on software Vulkan), at most five minutes.
+        let steps = state.series.get("loss").map_or(0, Vec::len);
         let done = state.run.as_ref().is_none_or(|r| !r.is_running());
-        if began.elapsed().as_secs_f64() < self.seconds && !done {
+        let elapsed = began.elapsed().as_secs_f64();
+        if !done && elapsed < 300.0 && (elapsed < self.seconds || steps < 2) {
             return;
-        }
-        if !trained && !done && began.elapsed().as_secs_f64() < 3.0 * self.seconds {
-            return; // wait for the first step a little longer
         }
         if self.shot_pending {
             let finished = self.waiting.lock().map(|mut w| w.take()).unwrap_or(None);

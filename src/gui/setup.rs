@@ -186,6 +186,10 @@ impl SetupPanel {
         }
 
         ui.separator();
+        if let Some(run) = state.run.as_ref().filter(|r| r.is_running()) {
+            ok_line(ui, format!("training in {} (see the Training panel)", run.out.display()));
+            return;
+        }
         let problems = state.problems();
         if problems.is_empty() {
             ok_line(ui, "ready: press Start on the Training panel");

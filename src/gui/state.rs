@@ -98,9 +98,11 @@ pub struct AppState {
     side: Vec<SideJob>,
 }
 
-/// A run folder name under `runs/` that does not exist yet.
+/// A new run folder `runs/app-<UTC time>` under the working directory (absolute, so that the
+/// paths written into its `config.toml` still hold when it is resumed from elsewhere).
 pub fn default_out() -> PathBuf {
-    PathBuf::from("runs").join(format!("app-{}", crate::cli::utc_stamp()))
+    let runs = std::env::current_dir().unwrap_or_default().join("runs");
+    runs.join(format!("app-{}", crate::cli::utc_stamp()))
 }
 
 impl AppState {

@@ -213,3 +213,19 @@ fn without_a_display_the_binary_says_so_in_one_line_and_runs_headless() {
     );
     assert!(started.is_some(), "the default run should start headless");
 }
+
+#[test]
+fn without_a_usable_adapter_the_app_names_what_was_tried_and_what_to_install() {
+    // A display is claimed (so the app path is taken) but the Vulkan loader finds no driver.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_explora"))
+        .env("DISPLAY", ":12345")
+        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+        .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no GPU adapter found (wgpu tried Vulkan, Metal and DX12)"), "{stderr}");
+    assert!(stderr.contains("mesa-vulkan-drivers"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
