@@ -138,13 +138,29 @@ impl SetupPanel {
         ui.separator();
         ui.heading("GPU adapter");
         ui.label(format!("in use: {} (--device {})", state.device_name, state.device_choice));
-        if state.adapters.is_empty() {
-            ui.label("(`explora info` lists the adapters; none listed here yet)");
+        let mut choices: Vec<(String, String)> = vec![("auto".into(), "auto (wgpu's high-performance choice)".into())];
+        choices.extend(state.adapters.iter().map(|a| (a.selector.clone(), format!("{} — {} [{} {}]", a.selector, a.name, a.backend, a.device_type))));
+        let current = state.device_choice.to_string();
+        let mut chosen = current.clone();
+        egui::ComboBox::from_label("adapter for training")
+            .selected_text(choices.iter().find(|(s, _)| *s == current).map_or(current.clone(), |(_, t)| t.clone()))
+            .show_ui(ui, |ui| {
+                for (selector, text) in &choices {
+                    ui.selectable_value(&mut chosen, selector.clone(), text);
+                }
+            });
+        if chosen != current {
+            match chosen.parse::<crate::device::DeviceChoice>() {
+                Ok(choice) => {
+                    // Opened when the next run starts; the window keeps drawing on its device.
+                    state.device_choice = choice;
+                    state.device = None;
+                    state.device_name = format!("--device {chosen} (opened at the next start)");
+                }
+                Err(e) => self.message = Some(Err(e)),
+            }
         }
-        for a in &state.adapters {
-            ui.label(format!("  --device {:<13} {} [{} {}]", a.selector, a.name, a.backend, a.device_type));
-        }
-        ui.label("Another adapter: start explora with --device (or BURN_DEVICE).");
+        ui.label("The same list as `explora info`; `--device` (or BURN_DEVICE) chooses it at launch.");
 
         ui.separator();
         ui.heading("Run config file");

@@ -180,9 +180,12 @@ impl AppState {
 
     /// Loads the checkpoint on the job thread to detect its layout and architecture.
     fn detect_model(&mut self, path: PathBuf, arch: Option<String>) {
-        let Some(device) = self.device.clone() else {
-            self.model_error = Some("no GPU device is open to read the checkpoint".into());
-            return;
+        let device = match self.job_device() {
+            Ok(device) => device,
+            Err(e) => {
+                self.model_error = Some(e);
+                return;
+            }
         };
         let (tx, rx) = mpsc::channel();
         let handle = engine::spawn("inspect", move |_ctx| {
