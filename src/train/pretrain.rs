@@ -281,6 +281,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         summary.knn_before = knn(&state.teacher);
         if let Some(acc) = summary.knn_before {
             metrics.write(&serde_json::json!({ "step": 0, "knn_top1": acc }))?;
+            ctx.emit(Event::Metrics { step: 0, values: vec![("knn_top1".into(), acc)] });
             ctx.info(format!("k-NN top-1 before pre-training: {:.1}%", 100.0 * acc));
         }
     }
