@@ -183,7 +183,7 @@ pub fn open(choice: &DeviceChoice) -> Result<Device, DeviceError> {
 }
 
 /// [`open`], also returning the wgpu instance, adapter, device and queue burn runs on, so that
-/// the app draws with the same device (its heatmap shader reads what burn computed).
+/// the app's window renders (and runs its heatmap shader) on the device burn computes on.
 pub fn open_shared(choice: &DeviceChoice) -> Result<(Device, WgpuSetup), DeviceError> {
     let mut cache = opened().lock().unwrap_or_else(|e| e.into_inner());
     if let Some(opened) = cache.get(choice) {
