@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Mutex, OnceLock};
 
-use burn::tensor::wgpu::{WgpuInitError, wgpu};
+use burn::tensor::wgpu::{WgpuInitError, WgpuSetup, wgpu};
 use burn::tensor::{Device, DeviceKind};
 
 /// What `explora info` prints about one adapter.
@@ -172,16 +172,22 @@ pub fn list_adapters() -> Vec<AdapterInfo> {
         .collect()
 }
 
-fn opened() -> &'static Mutex<HashMap<DeviceChoice, Device>> {
-    static OPENED: OnceLock<Mutex<HashMap<DeviceChoice, Device>>> = OnceLock::new();
+fn opened() -> &'static Mutex<HashMap<DeviceChoice, (Device, WgpuSetup)>> {
+    static OPENED: OnceLock<Mutex<HashMap<DeviceChoice, (Device, WgpuSetup)>>> = OnceLock::new();
     OPENED.get_or_init(Default::default)
 }
 
 /// Opens (once per process) burn's wgpu device for `choice`.
 pub fn open(choice: &DeviceChoice) -> Result<Device, DeviceError> {
+    open_shared(choice).map(|(device, _)| device)
+}
+
+/// [`open`], also returning the wgpu instance, adapter, device and queue burn runs on, so that
+/// the app's window renders (and runs its heatmap shader) on the device burn computes on.
+pub fn open_shared(choice: &DeviceChoice) -> Result<(Device, WgpuSetup), DeviceError> {
     let mut cache = opened().lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(device) = cache.get(choice) {
-        return Ok(device.clone());
+    if let Some(opened) = cache.get(choice) {
+        return Ok(opened.clone());
     }
     let adapters = list_adapters();
     if adapters.is_empty() {
@@ -195,12 +201,12 @@ pub fn open(choice: &DeviceChoice) -> Result<Device, DeviceError> {
             .join(", ");
         return Err(DeviceError::NoMatch { choice: choice.clone(), available });
     }
-    let device = Device::wgpu_options()
+    let opened = Device::wgpu_options()
         .device_kind(choice.kind())
-        .init()
+        .init_with_setup()
         .map_err(|source| DeviceError::Init { choice: choice.clone(), source })?;
-    cache.insert(choice.clone(), device.clone());
-    Ok(device)
+    cache.insert(choice.clone(), opened.clone());
+    Ok(opened)
 }
 
 /// The adapter's own name for an opened device, for logs and reports.

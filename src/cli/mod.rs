@@ -24,12 +24,13 @@ use crate::train::{PretrainConfig, PretrainJob};
     about = "Adapt pre-trained Vision Transformers (DINOv2, MAE) to a new image domain with ExPLoRA, on any Vulkan, Metal or DX12 GPU",
     long_about = "Adapt pre-trained Vision Transformers (DINOv2, MAE) to a new image domain with ExPLoRA, on any \
 Vulkan, Metal or DX12 GPU.\n\nWith no command, explora runs its built-in default: a short ExPLoRA pre-training of a tiny \
-backbone on a procedurally generated satellite-like domain (headless; the desktop app is not built yet).",
+backbone on a procedurally generated satellite-like domain, in the desktop app (headless with --no-gui, or \
+when there is no display).",
     after_help = "Checkpoints: Meta DINOv2 torch-hub .pth, Hugging Face Dinov2Model safetensors (with config.json beside it), \
 MAE .pth and explora's own safetensors; the layout and architecture are detected."
 )]
 pub struct Cli {
-    /// Run headless (the desktop app is not built yet, so this is always the case for now).
+    /// Run headless: no window, progress on the terminal (what happens anyway without a display).
     #[arg(long, global = true)]
     pub no_gui: bool,
 
@@ -161,6 +162,15 @@ pub struct PlanArgs {
     /// token); the original outputs stay unchanged.
     #[arg(long)]
     pub memory_tokens: Option<usize>,
+    /// Images per micro-batch, for the activation-memory estimate.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Global and local crop sizes in pixels, for the activation-memory estimate.
+    #[arg(long, value_delimiter = ',', default_values_t = [224, 98])]
+    pub crops: Vec<u32>,
+    /// Local crops per image, for the activation-memory estimate.
+    #[arg(long, default_value_t = 8)]
+    pub local_crops: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -420,7 +430,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Pipeline(args)) => pipeline_cmd(&cli.device, *args),
         None => {
             if !cli.no_gui {
-                eprintln!("explora: the desktop app is not built yet; running the built-in default headless.");
+                match crate::gui::run(&cli.device)? {
+                    crate::gui::Outcome::Closed => return Ok(()),
+                    crate::gui::Outcome::NoDisplay(why) => {
+                        eprintln!("explora: {why}; running the built-in default headless, as `explora --no-gui` does");
+                    }
+                }
             }
             default_cmd(&cli.device, DefaultArgs::default())
         }
@@ -582,11 +597,20 @@ fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         convpass_scale: args.convpass_scale,
         convpass_blocks: args.convpass_blocks.clone(),
         memory_tokens: args.memory_tokens,
+        ..Default::default()
     };
     let plan = spec.resolve(&config)?;
     let budget = plan.budget(&config);
+    anyhow::ensure!(args.crops.len() == 2, "--crops takes two sizes, global and local, e.g. --crops 224,98");
+    let crops = [(args.crops[0], 2), (args.crops[1], args.local_crops)];
+    let activations = crate::peft::activation_bytes(&config, &plan, args.batch, &crops);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "arch": config.name, "plan": plan, "budget": budget }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "arch": config.name, "plan": plan, "budget": budget, "activation_bytes": activations })
+            )?
+        );
         return Ok(());
     }
     println!(
@@ -610,6 +634,14 @@ fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
     println!(
         "optimizer state (AdamW, 2 × f32 per trainable parameter): {:.1} MiB",
         budget.optimizer_state_bytes() as f64 / (1 << 20) as f64
+    );
+    println!(
+        "activation memory (estimate, f32, batch {}, 2 × {} px + {} × {} px crops): {:.1} MiB",
+        args.batch,
+        args.crops[0],
+        args.local_crops,
+        args.crops[1],
+        activations as f64 / (1 << 20) as f64
     );
     Ok(())
 }
@@ -732,7 +764,7 @@ fn resume_cmd(choice: &DeviceChoice, args: ResumeArgs) -> anyhow::Result<()> {
 
 
 /// `YYYYmmdd-HHMMSS` in UTC, for run folder names.
-fn utc_stamp() -> String {
+pub(crate) fn utc_stamp() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

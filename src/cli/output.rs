@@ -75,6 +75,8 @@ pub fn follow(handle: JobHandle) -> anyhow::Result<()> {
             }
             Event::Artifact { label, path } => say(&bar, format!("wrote {label}: {}", path.display())),
             Event::Paused(paused) => say(&bar, if paused { "paused".into() } else { "resumed".into() }),
+            // Pictures are for the app; the CLI points at the PNG files instead.
+            Event::BatchPreview(_) | Event::Attention(_) => {}
             Event::Finished(outcome) => {
                 if let Some(b) = bar.take() {
                     b.finish_and_clear();

@@ -4,6 +4,7 @@
 pub mod default_run;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -24,8 +25,54 @@ pub enum Event {
     Artifact { label: String, path: PathBuf },
     /// The job paused or resumed (after a command).
     Paused(bool),
+    /// The crops of the batch of optimizer step `step` (what the app's batch viewer shows).
+    BatchPreview(Arc<BatchPreview>),
+    /// The answer to [`Command::Attention`].
+    Attention(Arc<AttentionView>),
     /// The job ended; `Ok` carries a one-paragraph summary.
     Finished(Result<String, String>),
+}
+
+/// A few samples of a training batch as images: per sample its two global crops (with the
+/// iBOT masks of each, row-major over `grid`×`grid` patches) and its local crops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchPreview {
+    pub step: u64,
+    /// Patches per side of a global crop.
+    pub grid: usize,
+    pub samples: Vec<SamplePreview>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplePreview {
+    pub globals: Vec<image::RgbImage>,
+    /// `globals.len() × grid²` masks, crop after crop (true = masked).
+    pub masks: Vec<bool>,
+    pub locals: Vec<image::RgbImage>,
+}
+
+/// Which CLS-attention map a face wants from a running job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionRequest {
+    /// Chosen by the face; repeated in the answer.
+    pub id: u64,
+    /// The image (any size; the job resizes and centre-crops it to the model's input).
+    pub image: Arc<image::RgbImage>,
+    pub layer: usize,
+    /// `None`: the mean over heads.
+    pub head: Option<usize>,
+}
+
+/// CLS attention of one image in the source backbone and in the current student.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionView {
+    pub id: u64,
+    /// The image as the model saw it.
+    pub image: image::RgbImage,
+    pub source: crate::eval::attention::AttentionMap,
+    pub student: crate::eval::attention::AttentionMap,
+    /// Optimizer step of the student.
+    pub step: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,11 +82,14 @@ pub enum Level {
 }
 
 /// What the face can ask of a running job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Pause,
     Resume,
     Stop,
+    /// Compute a CLS-attention map between steps (also while paused); answered with
+    /// [`Event::Attention`] by jobs that have a model, ignored by others.
+    Attention(AttentionRequest),
 }
 
 /// A job's side of the channels: emit events, poll commands between units of work.
@@ -91,7 +141,15 @@ impl JobContext {
     }
 
     /// Called between units of work: applies pause (blocking until resume or stop) and stop.
+    /// Attention requests are dropped; jobs that can answer them call
+    /// [`JobContext::checkpoint_with`].
     pub fn checkpoint(&self) -> Flow {
+        self.checkpoint_with(|_| {})
+    }
+
+    /// [`JobContext::checkpoint`] that hands every [`Command::Attention`] to `answer`, also
+    /// while paused.
+    pub fn checkpoint_with(&self, mut answer: impl FnMut(AttentionRequest)) -> Flow {
         let mut paused = false;
         loop {
             let command = if paused {
@@ -115,6 +173,7 @@ impl JobContext {
                     self.emit(Event::Paused(false));
                     return Flow::Continue;
                 }
+                Command::Attention(request) => answer(request),
                 _ => {}
             }
         }

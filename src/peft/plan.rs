@@ -189,6 +189,16 @@ pub struct PlanSpec {
     pub convpass_scale: f64,
     pub convpass_blocks: Option<Vec<usize>>,
     pub memory_tokens: Option<usize>,
+    /// Every block's mode (frozen, unfrozen or lora) instead of the preset's and `unfreeze`
+    /// (what the app writes after per-block edits).
+    pub blocks: Option<Vec<BlockMode>>,
+    /// Overrides of the preset's switches for norms, tokens and embeddings.
+    pub norms: Option<bool>,
+    pub cls_token: Option<bool>,
+    pub register_tokens: Option<bool>,
+    pub patch_embed: Option<bool>,
+    pub pos_embed: Option<bool>,
+    pub mask_token: Option<bool>,
 }
 
 impl Default for PlanSpec {
@@ -203,6 +213,13 @@ impl Default for PlanSpec {
             convpass_scale: 10.0,
             convpass_blocks: None,
             memory_tokens: None,
+            blocks: None,
+            norms: None,
+            cls_token: None,
+            register_tokens: None,
+            patch_embed: None,
+            pos_embed: None,
+            mask_token: None,
         }
     }
 }
@@ -235,8 +252,54 @@ impl PlanSpec {
         if self.memory_tokens.is_some() {
             plan.memory_tokens = self.memory_tokens;
         }
+        if let Some(blocks) = &self.blocks {
+            if blocks.len() != config.depth {
+                return Err(plan_error(
+                    "blocks",
+                    format!("lists {} blocks but the model has {}", blocks.len(), config.depth),
+                ));
+            }
+            plan.blocks = blocks.clone();
+        }
+        let switches = [
+            (self.norms, &mut plan.norms),
+            (self.cls_token, &mut plan.cls_token),
+            (self.register_tokens, &mut plan.register_tokens),
+            (self.patch_embed, &mut plan.patch_embed),
+            (self.pos_embed, &mut plan.pos_embed),
+            (self.mask_token, &mut plan.mask_token),
+        ];
+        for (value, field) in switches {
+            if let Some(on) = value {
+                *field = on;
+            }
+        }
         plan.validate(config)?;
         Ok(plan)
+    }
+
+    /// The spec that resolves to exactly `plan` (every block and switch written out), under
+    /// the preset name `preset` it was edited from.
+    pub fn exact(preset: &str, plan: &AdaptationPlan) -> Self {
+        let convpass = plan.convpass.as_ref();
+        Self {
+            preset: preset.to_string(),
+            unfreeze: None,
+            lora_rank: Some(plan.lora.rank),
+            lora_alpha: Some(plan.lora.alpha),
+            lora_targets: Some(plan.lora.targets.to_string()).filter(|t| !t.is_empty()),
+            convpass: convpass.map(|c| c.dim),
+            convpass_scale: convpass.map_or(10.0, |c| c.scale),
+            convpass_blocks: convpass.and_then(|c| c.blocks.clone()),
+            memory_tokens: plan.memory_tokens,
+            blocks: Some(plan.blocks.clone()),
+            norms: Some(plan.norms),
+            cls_token: Some(plan.cls_token),
+            register_tokens: Some(plan.register_tokens),
+            patch_embed: Some(plan.patch_embed),
+            pos_embed: Some(plan.pos_embed),
+            mask_token: Some(plan.mask_token),
+        }
     }
 }
 
@@ -487,6 +550,46 @@ impl AdaptationPlan {
     }
 }
 
+/// An estimate of the activation memory autograd keeps for one training micro-batch of the
+/// student: `batch` images, each seen as the crops in `crops` (`(side in pixels, count)`, e.g.
+/// 2 global and 8 local crops). Per block and token it counts what a pre-norm ViT block saves
+/// for its backward (norm inputs/outputs, q/k/v, context, projections and residuals: ~11·d
+/// values, the MLP's hidden twice: 2·hidden), plus the attention scores and probabilities
+/// (2·heads·tokens² per image), in f32; only blocks from the first one with something
+/// trainable upwards keep activations. Framework overhead and the teacher's (gradient-free)
+/// forward are not counted, so treat it as the order of magnitude, not a bound.
+pub fn activation_bytes(config: &VitConfig, plan: &AdaptationPlan, batch: usize, crops: &[(u32, usize)]) -> u64 {
+    let depth = config.depth;
+    let input_side = plan.cls_token
+        || plan.register_tokens
+        || plan.patch_embed
+        || plan.pos_embed
+        || plan.mask_token
+        || plan.memory_tokens.is_some()
+        || plan.norms;
+    let first_trainable = if input_side {
+        Some(0)
+    } else {
+        (0..depth).find(|&i| {
+            plan.blocks.get(i).is_some_and(|m| *m != BlockMode::Frozen)
+                || plan.convpass.as_ref().is_some_and(|c| c.covers(i))
+        })
+    };
+    let Some(first) = first_trainable else { return 0 };
+    let kept_blocks = (depth - first) as u64;
+    let (d, hidden, heads) = (config.embed_dim as u64, config.mlp_hidden() as u64, config.num_heads as u64);
+    let extra_tokens = 1 + config.num_registers as u64 + plan.memory_tokens.unwrap_or(0) as u64;
+    let per_image: u64 = crops
+        .iter()
+        .map(|&(side, count)| {
+            let grid = side as u64 / config.patch_size.max(1) as u64;
+            let t = grid * grid + extra_tokens;
+            count as u64 * (t * (11 * d + 2 * hidden) + 2 * heads * t * t)
+        })
+        .sum();
+    4 * batch as u64 * kept_blocks * per_image
+}
+
 /// Parameters of one transformer block.
 fn full_block_params(config: &VitConfig) -> usize {
     let d = config.embed_dim;
@@ -590,6 +693,44 @@ mod tests {
         let mut plan = AdaptationPlan::preset(Preset::Linear, &c);
         plan.register_tokens = true;
         assert_eq!(plan.validate(&c).unwrap_err().field, "register_tokens");
+    }
+
+    #[test]
+    fn activation_estimate_grows_with_batch_and_vanishes_when_nothing_trains() {
+        let c = VitConfig::dinov2_vitl14();
+        let crops = [(224, 2), (98, 8)];
+        let explora = AdaptationPlan::preset(Preset::Explora, &c);
+        let one = activation_bytes(&c, &explora, 1, &crops);
+        assert_eq!(activation_bytes(&c, &explora, 32, &crops), 32 * one);
+        // ViT-L, 2×224 + 8×98 crops, f32, no memory-efficient attention: about 2 GiB per image.
+        assert!((1 << 30..4 << 30).contains(&one), "{one}");
+        assert_eq!(activation_bytes(&c, &AdaptationPlan::preset(Preset::Linear, &c), 32, &crops), 0);
+        let last_two = AdaptationPlan::preset(Preset::Blocks(2), &c);
+        let mut last_two = last_two;
+        last_two.norms = false;
+        assert_eq!(activation_bytes(&c, &last_two, 1, &crops) * 12, one);
+    }
+
+    #[test]
+    fn an_exact_spec_resolves_to_the_edited_plan_and_survives_toml() {
+        let c = VitConfig::tiny();
+        let mut plan = AdaptationPlan::preset(Preset::Explora, &c);
+        plan.blocks[0] = BlockMode::Frozen;
+        plan.lora.rank = 8;
+        plan.lora.targets.fc1 = true;
+        plan.pos_embed = true;
+        plan.convpass = Some(ConvpassSpec { dim: 4, ..Default::default() });
+        let spec = PlanSpec::exact("explora", &plan);
+        assert_eq!(spec.resolve(&c).unwrap(), plan);
+        #[derive(Serialize, Deserialize)]
+        struct File {
+            plan: PlanSpec,
+        }
+        let text = toml::to_string(&File { plan: spec.clone() }).unwrap();
+        let back: File = toml::from_str(&text).unwrap();
+        assert_eq!(back.plan, spec);
+        let short = PlanSpec { blocks: Some(vec![BlockMode::Lora; 3]), ..Default::default() };
+        assert_eq!(short.resolve(&c).unwrap_err().field, "blocks");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use super::schedule;
 use super::state::{self, TrainState};
 use crate::checkpoint::{load_backbone_with, save_adapter, save_backbone};
 use crate::data::{BatchSpec, CropBatch, CropLoader, FolderSource, ImageList, ImageSource, ProceduralSource, ProceduralDomain, contact_sheet};
-use crate::engine::{Event, Flow, JobContext};
+use crate::engine::{AttentionRequest, AttentionView, BatchPreview, Event, Flow, JobContext, SamplePreview};
 use crate::model::{Vit, VitConfig};
 use crate::objectives::params::accumulate_grads;
 use crate::objectives::{Centers, DinoModel, MaskedPatches, StepInputs, ema_update, step_loss};
@@ -287,6 +287,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         summary.knn_before = knn(&state.teacher);
         if let Some(acc) = summary.knn_before {
             metrics.write(&serde_json::json!({ "step": 0, "knn_top1": acc }))?;
+            ctx.emit(Event::Metrics { step: 0, values: vec![("knn_top1".into(), acc)] });
             ctx.info(format!("k-NN top-1 before pre-training: {:.1}%", 100.0 * acc));
         }
     }
@@ -308,8 +309,17 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
             lap = Instant::now();
         }
     };
+    // The source backbone for attention requests, loaded on the first one.
+    let mut source_model: Option<Vit> = None;
+    let mut last_preview: Option<Instant> = None;
     while state.step < total {
-        if ctx.checkpoint() == Flow::Stop {
+        let flow = ctx.checkpoint_with(|request| {
+            match answer_attention(&request, &config, &mut source_model, &state.student.backbone, state.step, device) {
+                Ok(view) => ctx.emit(Event::Attention(Arc::new(view))),
+                Err(e) => ctx.warn(format!("attention map: {e:#}")),
+            }
+        });
+        if flow == Flow::Stop {
             summary.stopped_early = true;
             break;
         }
@@ -322,6 +332,11 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
             mark("other", &mut timings);
             let batch = loader.next()?;
             mark("data", &mut timings);
+            // Pictures of the batch for the app, at most every two seconds.
+            if micro == 0 && last_preview.is_none_or(|t| t.elapsed().as_secs_f64() >= 2.0) {
+                last_preview = Some(Instant::now());
+                ctx.emit(Event::BatchPreview(Arc::new(batch_preview(&batch, step + 1, 8))));
+            }
             for (path, reason) in &batch.skipped {
                 summary.skipped_files += 1;
                 ctx.warn(format!("skipped {}: {reason}", path.display()));
@@ -413,7 +428,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         metrics.write(&line)?;
         ctx.emit(Event::Metrics {
             step: state.step,
-            values: ["loss", "dino", "ibot", "koleo", "lr", "grad_norm", "knn_top1"]
+            values: ["loss", "dino", "ibot", "koleo", "lr", "teacher_temp", "grad_norm", "img_per_s", "gpu_bytes", "knn_top1"]
                 .iter()
                 .filter_map(|k| line.get(*k).and_then(|v| v.as_f64()).map(|v| (k.to_string(), v)))
                 .collect(),
@@ -446,6 +461,51 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     std::fs::write(&report, report_text(&config, &plan, &vit, &summary))?;
     ctx.artifact("report", &report);
     Ok(summary)
+}
+
+/// The first `max` samples of `batch` as images (crops un-normalised, masks per global crop).
+fn batch_preview(batch: &CropBatch, step: u64, max: usize) -> BatchPreview {
+    let b = batch.batch;
+    let (gs, ls) = (batch.global_size, batch.local_size);
+    let (gv, lv) = (batch.global_values(), batch.local_values());
+    let image = |data: &[f32], size: u32| crate::data::denormalize_chw_to_rgb(data, size, size);
+    let samples = (0..b.min(max))
+        .map(|j| SamplePreview {
+            globals: [j, b + j].iter().filter_map(|&c| batch.globals.get(c * gv..(c + 1) * gv)).map(|d| image(d, gs)).collect(),
+            masks: batch.sample_masks(j),
+            locals: (0..batch.local_crops)
+                .filter_map(|k| batch.locals.get((k * b + j) * lv..(k * b + j + 1) * lv))
+                .map(|d| image(d, ls))
+                .collect(),
+        })
+        .collect();
+    BatchPreview { step, grid: batch.grid(), samples }
+}
+
+/// CLS attention of `request`'s image in the source backbone (loaded once from the run's
+/// weights) and in the current student.
+fn answer_attention(
+    request: &AttentionRequest,
+    config: &PretrainConfig,
+    source: &mut Option<Vit>,
+    student: &Vit,
+    step: u64,
+    device: &Device,
+) -> anyhow::Result<AttentionView> {
+    if source.is_none() {
+        let path = config.model.weights.as_ref().context("the run has no source weights")?;
+        let arch = config.model.arch.as_deref().and_then(VitConfig::preset);
+        *source = Some(load_backbone_with(path, arch, device)?.0);
+    }
+    let source = source.as_ref().expect("loaded above");
+    let student = student.clone().valid();
+    let size = config.crops.global_size;
+    let pre = crate::data::Preprocess::new(size);
+    let shown = pre.apply(&request.image);
+    let x = || crate::eval::images_tensor(pre.to_tensor_data(&request.image), 1, size as usize, device);
+    let source_map = crate::eval::attention::cls_attention(source, x(), request.layer, request.head)?;
+    let student_map = crate::eval::attention::cls_attention(&student, x(), request.layer, request.head)?;
+    Ok(AttentionView { id: request.id, image: shown, source: source_map, student: student_map, step })
 }
 
 fn report_text(config: &PretrainConfig, plan: &AdaptationPlan, vit: &VitConfig, s: &PretrainSummary) -> String {

@@ -5,6 +5,7 @@ mod checkpoints;
 mod cli;
 mod common;
 mod eval;
+mod gui;
 mod model;
 mod parity;
 mod peft;

@@ -1,0 +1,738 @@
+//! The app's shared state: the run config being edited, the model it applies to, the plan,
+//! and what the running job reported. No egui here, so every rule can be unit-tested without a
+//! window. Budgets, validation and defaults come from the functions the CLI calls
+//! (`PlanSpec::resolve`, `AdaptationPlan::budget`, `peft::activation_bytes`,
+//! `PretrainConfig::validate`); jobs run on the engine's thread and talk through events and
+//! commands only.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::time::Instant;
+
+use burn::tensor::Device;
+use image::RgbImage;
+
+use crate::device::{self, AdapterInfo, DeviceChoice};
+use crate::engine::{self, AttentionRequest, AttentionView, BatchPreview, Command, Event, JobHandle, Level};
+use crate::model::VitConfig;
+use crate::peft::{AdaptationPlan, BlockMode, Budget, PlanSpec, Preset};
+use crate::train::{PretrainConfig, PretrainJob};
+
+/// Lines of log kept.
+const LOG_LINES: usize = 500;
+
+/// One job the app started (a pre-training run) and what it reported so far.
+pub struct RunState {
+    handle: Option<JobHandle>,
+    pub out: PathBuf,
+    pub phase: String,
+    pub step: u64,
+    pub total: Option<u64>,
+    pub paused: bool,
+    /// Set when a stop was asked for and the job has not ended yet.
+    pub stopping: bool,
+    pub finished: Option<Result<String, String>>,
+    /// `(when, step)` of recent metrics, for the step rate and the ETA.
+    recent: Vec<(Instant, u64)>,
+}
+
+impl RunState {
+    pub fn is_running(&self) -> bool {
+        self.finished.is_none() && self.handle.is_some()
+    }
+
+    /// Optimizer steps per second over the last few steps.
+    pub fn steps_per_second(&self) -> Option<f64> {
+        let (first, last) = (self.recent.first()?, self.recent.last()?);
+        let secs = last.0.duration_since(first.0).as_secs_f64();
+        (last.1 > first.1 && secs > 0.0).then(|| (last.1 - first.1) as f64 / secs)
+    }
+
+    /// Seconds until the last step at the current rate.
+    pub fn eta_seconds(&self) -> Option<f64> {
+        let rate = self.steps_per_second()?;
+        Some(self.total?.saturating_sub(self.step) as f64 / rate)
+    }
+}
+
+/// A background job whose only answer is its events (architecture detection, attention on a
+/// finished run).
+struct SideJob {
+    handle: JobHandle,
+    config: Option<Receiver<VitConfig>>,
+}
+
+/// Everything the panels show and edit.
+pub struct AppState {
+    pub device_choice: DeviceChoice,
+    /// burn's device (shared with the window's renderer when the app opened it).
+    pub device: Option<Device>,
+    pub device_name: String,
+    pub adapters: Vec<AdapterInfo>,
+    /// The run config the next start uses (the same TOML the headless mode reads).
+    pub config: PretrainConfig,
+    /// Where the next run writes.
+    pub out: PathBuf,
+    /// The architecture of the chosen model, once known.
+    pub vit: Option<VitConfig>,
+    /// What is known about the chosen model (detected layout and architecture, or an error).
+    pub model_note: String,
+    pub model_error: Option<String>,
+    /// The preset the plan was edited from.
+    pub preset: String,
+    /// The plan as edited (also written to `config.plan` as an exact spec).
+    pub plan: AdaptationPlan,
+    pub run: Option<RunState>,
+    /// Metric name → `[step, value]` points.
+    pub series: BTreeMap<String, Vec<[f64; 2]>>,
+    pub batch: Option<Arc<BatchPreview>>,
+    pub attention: Option<Arc<AttentionView>>,
+    /// The attention request waiting for its answer.
+    pub attention_pending: Option<u64>,
+    pub log: Vec<(Level, String)>,
+    /// Whether heatmaps are drawn by the WGSL shader (a wgpu renderer is there).
+    pub gpu_heatmap: bool,
+    next_request: u64,
+    side: Vec<SideJob>,
+}
+
+/// A new run folder `runs/app-<UTC time>` under the working directory (absolute, so that the
+/// paths written into its `config.toml` still hold when it is resumed from elsewhere).
+pub fn default_out() -> PathBuf {
+    let runs = std::env::current_dir().unwrap_or_default().join("runs");
+    runs.join(format!("app-{}", crate::cli::utc_stamp()))
+}
+
+impl AppState {
+    /// The built-in default run for `device` (smaller on software Vulkan), as `explora
+    /// --no-gui` would start it.
+    pub fn builtin(device_choice: DeviceChoice, device: Option<Device>) -> Self {
+        let config = match &device {
+            Some(d) => crate::engine::default_run::DefaultRun::for_device(PathBuf::new(), d).config,
+            None => PretrainConfig::builtin(),
+        };
+        Self::new(config, device_choice, device)
+    }
+
+    pub fn new(config: PretrainConfig, device_choice: DeviceChoice, device: Option<Device>) -> Self {
+        let device_name = device.as_ref().map(device::describe).unwrap_or_else(|| "not opened".into());
+        let mut state = Self {
+            device_choice,
+            device,
+            device_name,
+            adapters: Vec::new(),
+            config: PretrainConfig::default(),
+            out: default_out(),
+            vit: None,
+            model_note: String::new(),
+            model_error: None,
+            preset: "explora".into(),
+            plan: AdaptationPlan::frozen(0),
+            run: None,
+            series: BTreeMap::new(),
+            batch: None,
+            attention: None,
+            attention_pending: None,
+            log: Vec::new(),
+            gpu_heatmap: false,
+            next_request: 1,
+            side: Vec::new(),
+        };
+        state.set_config(config);
+        state
+    }
+
+    /// Replaces the run config (loaded from a file, reset, ...) and works out the model.
+    pub fn set_config(&mut self, config: PretrainConfig) {
+        self.preset = config.plan.preset.clone();
+        self.config = config;
+        self.vit = None;
+        self.model_error = None;
+        match (&self.config.model.weights, &self.config.model.arch) {
+            (Some(path), arch) => {
+                self.model_note = format!("checkpoint {}: detecting the architecture…", path.display());
+                self.detect_model(path.clone(), arch.clone());
+            }
+            (None, Some(name)) => match VitConfig::preset(name) {
+                Some(vit) => {
+                    self.model_note = format!("built-in {} backbone (random weights standing in for a pre-trained one)", vit.name);
+                    self.set_vit(vit);
+                }
+                None => self.model_error = Some(format!("invalid run config: `model.arch` {name} is not a preset")),
+            },
+            (None, None) => self.model_error = Some("choose a checkpoint or a built-in model".into()),
+        }
+    }
+
+    /// The model is known: resolve the config's plan on it (or the preset when it fails).
+    pub fn set_vit(&mut self, vit: VitConfig) {
+        self.plan = match self.config.plan.resolve(&vit) {
+            Ok(plan) => plan,
+            Err(_) => {
+                let preset = self.preset.parse().unwrap_or(Preset::Explora);
+                AdaptationPlan::preset(preset, &vit)
+            }
+        };
+        self.vit = Some(vit);
+    }
+
+    /// Loads the checkpoint on the job thread to detect its layout and architecture.
+    fn detect_model(&mut self, path: PathBuf, arch: Option<String>) {
+        let device = match self.job_device() {
+            Ok(device) => device,
+            Err(e) => {
+                self.model_error = Some(e);
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        let handle = engine::spawn("inspect", move |_ctx| {
+            let arch = match arch {
+                Some(name) => Some(VitConfig::preset(&name).ok_or_else(|| anyhow::anyhow!("unknown architecture preset `{name}`"))?),
+                None => None,
+            };
+            let (_, report) = crate::checkpoint::load_backbone_with(&path, arch, &device)?;
+            let _ = tx.send(report.config.clone());
+            Ok(format!("{report}"))
+        });
+        self.side.push(SideJob { handle, config: Some(rx) });
+    }
+
+    // ---- the adaptation plan -------------------------------------------------------------
+
+    /// Applies a preset (`explora`, `lora`, `linear`, `full`, `blocks:K`).
+    pub fn apply_preset(&mut self, name: &str) -> Result<(), String> {
+        let preset: Preset = name.parse()?;
+        let vit = self.vit.as_ref().ok_or("the model is not known yet")?;
+        self.preset = name.to_string();
+        self.set_plan(AdaptationPlan::preset(preset, vit));
+        Ok(())
+    }
+
+    /// Edits the plan; the config's `[plan]` follows.
+    pub fn edit_plan(&mut self, edit: impl FnOnce(&mut AdaptationPlan)) {
+        let mut plan = self.plan.clone();
+        edit(&mut plan);
+        self.set_plan(plan);
+    }
+
+    /// Replaces the whole plan (the adaptation panel's switches).
+    pub fn set_plan_from_panel(&mut self, plan: AdaptationPlan) {
+        self.set_plan(plan);
+    }
+
+    fn set_plan(&mut self, plan: AdaptationPlan) {
+        self.config.plan = PlanSpec::exact(&self.preset, &plan);
+        self.plan = plan;
+    }
+
+    pub fn set_block_mode(&mut self, block: usize, mode: BlockMode) {
+        self.edit_plan(|p| {
+            if let Some(m) = p.blocks.get_mut(block) {
+                *m = mode;
+            }
+        });
+    }
+
+    /// The plan as the engine will see it, or the message `explora plan` would print.
+    pub fn plan_check(&self) -> Result<AdaptationPlan, String> {
+        let vit = self.vit.as_ref().ok_or("the model is not known yet")?;
+        self.config.plan.resolve(vit).map_err(|e| e.to_string())
+    }
+
+    /// Trainable parameters per component, as `explora plan` prints them.
+    pub fn budget(&self) -> Option<Budget> {
+        Some(self.plan.budget(self.vit.as_ref()?))
+    }
+
+    /// Activation memory of one micro-batch at the configured batch and crops.
+    pub fn activation_bytes(&self) -> Option<u64> {
+        let c = &self.config.crops;
+        let crops = [(c.global_size, 2), (c.local_size, c.local_crops)];
+        Some(crate::peft::activation_bytes(self.vit.as_ref()?, &self.plan, self.config.optim.batch, &crops))
+    }
+
+    // ---- validation and starting -----------------------------------------------------------
+
+    /// Everything that stops a start, in the words of the CLI and the engine.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Err(e) = self.config.validate() {
+            out.push(e.to_string());
+        }
+        if let Some(e) = &self.model_error {
+            out.push(e.clone());
+        }
+        if let Some(vit) = &self.vit {
+            if let Err(e) = self.plan_check() {
+                out.push(e);
+            }
+            let patch = vit.patch_size;
+            for (field, size) in [("crops.global_size", self.config.crops.global_size), ("crops.local_size", self.config.crops.local_size)] {
+                if size as usize % patch != 0 {
+                    out.push(format!("invalid run config: `{field}` {size} is not a multiple of the model's patch size {patch}"));
+                }
+            }
+        } else if self.model_error.is_none() {
+            out.push("the model's architecture is not known yet".into());
+        }
+        if self.out.join("config.toml").exists() {
+            out.push(format!(
+                "{} already holds a run; choose another run folder, or resume it from the Setup panel",
+                self.out.display()
+            ));
+        }
+        out
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.run.as_ref().is_some_and(RunState::is_running)
+    }
+
+    fn job_device(&mut self) -> Result<Device, String> {
+        if let Some(d) = &self.device {
+            return Ok(d.clone());
+        }
+        let d = device::open(&self.device_choice).map_err(|e| e.to_string())?;
+        self.device_name = device::describe(&d);
+        self.device = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Starts pre-training with the current config in `out`.
+    pub fn start(&mut self) -> Result<(), String> {
+        if self.is_running() {
+            return Err("a run is already going".into());
+        }
+        let problems = self.problems();
+        if let Some(first) = problems.first() {
+            return Err(first.clone());
+        }
+        let job = PretrainJob { config: self.config.clone(), out: self.out.clone(), resume: false };
+        self.launch(job)
+    }
+
+    /// Continues the run in `dir` from its newest checkpoint (as `explora --no-gui resume`).
+    pub fn resume(&mut self, dir: &Path, steps: Option<u64>) -> Result<(), String> {
+        if self.is_running() {
+            return Err("a run is already going".into());
+        }
+        let mut job = PretrainJob::resume(dir).map_err(|e| format!("{e:#}"))?;
+        if let Some(steps) = steps {
+            job.config.run.steps = steps;
+        }
+        self.set_config(job.config.clone());
+        self.out = dir.to_path_buf();
+        let earlier = read_metrics(&dir.join("metrics.jsonl"));
+        self.launch(job)?;
+        // The earlier steps stay on the plots (cut at the checkpoint by the first progress).
+        self.series = earlier;
+        Ok(())
+    }
+
+    fn launch(&mut self, job: PretrainJob) -> Result<(), String> {
+        let device = self.job_device()?;
+        self.series.clear();
+        self.batch = None;
+        self.attention = None;
+        self.attention_pending = None;
+        let out = job.out.clone();
+        let handle = engine::spawn("pretrain", move |ctx| crate::train::run(&job, &device, ctx));
+        self.push_log(Level::Info, format!("started pre-training in {}", out.display()));
+        self.run = Some(RunState {
+            handle: Some(handle),
+            out,
+            phase: "starting".into(),
+            step: 0,
+            total: Some(self.config.run.steps),
+            paused: false,
+            stopping: false,
+            finished: None,
+            recent: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Attaches a job started elsewhere (tests drive the event handling with fake jobs).
+    pub fn attach(&mut self, handle: JobHandle, out: PathBuf, total: Option<u64>) {
+        self.run = Some(RunState {
+            handle: Some(handle),
+            out,
+            phase: String::new(),
+            step: 0,
+            total,
+            paused: false,
+            stopping: false,
+            finished: None,
+            recent: Vec::new(),
+        });
+    }
+
+    /// Sends a command to the running job.
+    pub fn send(&mut self, command: Command) {
+        if let Some(run) = &mut self.run
+            && let Some(handle) = &run.handle
+            && run.finished.is_none()
+        {
+            if command == Command::Stop {
+                run.stopping = true;
+            }
+            handle.send(command);
+        }
+    }
+
+    /// Asks for the CLS attention of `image`: from the running job between its steps, or,
+    /// after a run, from the run folder's source and adapted backbones.
+    pub fn request_attention(&mut self, image: Arc<RgbImage>, layer: usize, head: Option<usize>) -> Result<u64, String> {
+        let id = self.next_request;
+        self.next_request += 1;
+        let request = AttentionRequest { id, image, layer, head };
+        if self.is_running() {
+            self.send(Command::Attention(request));
+        } else {
+            let out = self.run.as_ref().map(|r| r.out.clone()).unwrap_or_else(|| self.out.clone());
+            if !out.join("backbone.safetensors").exists() {
+                return Err("start a run first: the maps come from the source backbone and the student being trained".into());
+            }
+            let device = self.job_device()?;
+            let handle = engine::spawn("attention", move |ctx| {
+                let view = attention_of_finished_run(&out, &request, &device)?;
+                ctx.emit(Event::Attention(Arc::new(view)));
+                Ok(String::new())
+            });
+            self.side.push(SideJob { handle, config: None });
+        }
+        self.attention_pending = Some(id);
+        Ok(id)
+    }
+
+    fn push_log(&mut self, level: Level, message: String) {
+        self.log.push((level, message));
+        if self.log.len() > LOG_LINES {
+            self.log.drain(..self.log.len() - LOG_LINES);
+        }
+    }
+
+    /// Takes every event that arrived (never blocks). Returns whether anything changed.
+    pub fn poll(&mut self) -> bool {
+        let mut events = Vec::new();
+        if let Some(run) = &self.run
+            && let Some(handle) = &run.handle
+        {
+            loop {
+                match handle.events.try_recv() {
+                    Ok(e) => events.push(e),
+                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+                }
+            }
+        }
+        let changed = !events.is_empty();
+        for event in events {
+            self.on_run_event(event);
+        }
+        changed | self.poll_side_jobs()
+    }
+
+    fn on_run_event(&mut self, event: Event) {
+        let Some(run) = self.run.as_mut() else { return };
+        match event {
+            Event::Phase { name, total } => {
+                run.phase = name;
+                if total.is_some() {
+                    run.total = total;
+                }
+            }
+            Event::Progress { done, total, .. } => {
+                if run.phase == "pre-training" {
+                    if run.recent.is_empty() {
+                        // The first progress of a (resumed) run: its start step. Points after it
+                        // were not checkpointed and will be computed again.
+                        for points in self.series.values_mut() {
+                            points.retain(|p| p[0] <= done as f64);
+                        }
+                    }
+                    run.step = done;
+                    run.total = total.or(run.total);
+                }
+            }
+            Event::Log { level, message } => self.push_log(level, message),
+            Event::Metrics { step, values } => {
+                run.step = run.step.max(step);
+                run.recent.push((Instant::now(), step));
+                if run.recent.len() > 10 {
+                    run.recent.remove(0);
+                }
+                for (name, value) in values {
+                    self.series.entry(name).or_default().push([step as f64, value]);
+                }
+            }
+            Event::Artifact { label, path } => self.push_log(Level::Info, format!("wrote {label}: {}", path.display())),
+            Event::Paused(paused) => run.paused = paused,
+            Event::BatchPreview(preview) => self.batch = Some(preview),
+            Event::Attention(view) => self.on_attention(view),
+            Event::Finished(result) => {
+                run.stopping = false;
+                run.paused = false;
+                let message = match &result {
+                    Ok(summary) => (Level::Info, summary.clone()),
+                    Err(error) => (Level::Warn, format!("the run failed: {error}")),
+                };
+                run.finished = Some(result);
+                if let Some(handle) = run.handle.take() {
+                    handle.join();
+                }
+                self.push_log(message.0, message.1);
+            }
+        }
+    }
+
+    fn on_attention(&mut self, view: Arc<AttentionView>) {
+        if self.attention_pending == Some(view.id) {
+            self.attention_pending = None;
+        }
+        self.attention = Some(view);
+    }
+
+    fn poll_side_jobs(&mut self) -> bool {
+        let mut changed = false;
+        let mut i = 0;
+        while i < self.side.len() {
+            let mut finished = None;
+            let mut events = Vec::new();
+            while let Ok(e) = self.side[i].handle.events.try_recv() {
+                events.push(e);
+            }
+            for event in events {
+                changed = true;
+                match event {
+                    Event::Attention(view) => self.on_attention(view),
+                    Event::Log { level, message } => self.push_log(level, message),
+                    Event::Finished(result) => finished = Some(result),
+                    _ => {}
+                }
+            }
+            if let Some(result) = finished {
+                let job = self.side.remove(i);
+                let config = job.config.as_ref().and_then(|rx| rx.try_recv().ok());
+                let is_inspect = job.config.is_some();
+                job.handle.join();
+                match (result, config) {
+                    (Ok(report), Some(vit)) => {
+                        self.model_note = report;
+                        self.model_error = None;
+                        self.set_vit(vit);
+                    }
+                    (Err(e), _) if is_inspect => self.model_error = Some(e),
+                    (Err(e), _) => {
+                        self.attention_pending = None;
+                        self.push_log(Level::Warn, format!("attention map: {e}"));
+                    }
+                    _ => {}
+                }
+            } else {
+                i += 1;
+            }
+        }
+        changed
+    }
+
+    /// Latest value of a metric.
+    pub fn last(&self, name: &str) -> Option<f64> {
+        self.series.get(name).and_then(|s| s.last()).map(|p| p[1])
+    }
+
+    /// Asks the running job to stop and waits (up to `timeout`) until it has written its
+    /// checkpoint and ended. For closing the window.
+    pub fn stop_and_wait(&mut self, timeout: std::time::Duration) {
+        if !self.is_running() {
+            return;
+        }
+        self.send(Command::Stop);
+        let began = Instant::now();
+        while self.is_running() && began.elapsed() < timeout {
+            if !self.poll() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// The plots of an earlier run: `metrics.jsonl` as name → `[step, value]` points.
+pub fn read_metrics(path: &Path) -> BTreeMap<String, Vec<[f64; 2]>> {
+    let mut series: BTreeMap<String, Vec<[f64; 2]>> = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let Ok(serde_json::Value::Object(values)) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Some(step) = values.get("step").and_then(|s| s.as_f64()) else { continue };
+        for (name, value) in &values {
+            if let (true, Some(v)) = (name != "step", value.as_f64()) {
+                series.entry(name.clone()).or_default().push([step, v]);
+            }
+        }
+    }
+    series
+}
+
+/// The attention of `request` in a finished run: its source weights (from its `config.toml`)
+/// and its adapted `backbone.safetensors`.
+fn attention_of_finished_run(out: &Path, request: &AttentionRequest, device: &Device) -> anyhow::Result<AttentionView> {
+    use crate::eval::attention::cls_attention;
+    let config = PretrainConfig::load(&out.join("config.toml"))?;
+    let source_path = config.model.weights.clone().unwrap_or_else(|| out.join("base.safetensors"));
+    let arch = config.model.arch.as_deref().and_then(VitConfig::preset);
+    let (source, _) = crate::checkpoint::load_backbone_with(&source_path, arch, device)?;
+    let (student, _) = crate::checkpoint::load_backbone(&out.join("backbone.safetensors"), device)?;
+    let size = config.crops.global_size;
+    let pre = crate::data::Preprocess::new(size);
+    let x = || crate::eval::images_tensor(pre.to_tensor_data(&request.image), 1, size as usize, device);
+    Ok(AttentionView {
+        id: request.id,
+        image: pre.apply(&request.image),
+        source: cls_attention(&source, x(), request.layer, request.head)?,
+        student: cls_attention(&student, x(), request.layer, request.head)?,
+        step: config.run.steps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::attention::AttentionMap;
+    use crate::peft::LoraTargets;
+
+    fn tiny_state() -> AppState {
+        let mut config = PretrainConfig::builtin_software();
+        config.crops.global_size = 32;
+        config.crops.local_size = 16;
+        let mut s = AppState::new(config, DeviceChoice::Cpu, None);
+        s.out = std::env::temp_dir().join(format!("explora-gui-state-{}", std::process::id()));
+        s
+    }
+
+    #[test]
+    fn the_builtin_run_opens_ready_on_the_tiny_model() {
+        let s = tiny_state();
+        assert_eq!(s.vit.as_ref().unwrap().name, "tiny");
+        assert_eq!(s.plan, AdaptationPlan::preset(Preset::Explora, &VitConfig::tiny()));
+        assert!(s.problems().is_empty(), "{:?}", s.problems());
+    }
+
+    #[test]
+    fn plan_edits_give_the_budget_explora_plan_prints() {
+        let mut s = tiny_state();
+        let vit = VitConfig::tiny();
+        let check = |s: &AppState| {
+            let resolved = s.config.plan.resolve(&vit).unwrap();
+            assert_eq!(resolved, s.plan);
+            assert_eq!(s.budget().unwrap(), resolved.budget(&vit));
+        };
+        check(&s);
+        let before = s.budget().unwrap().trainable;
+        s.set_block_mode(0, BlockMode::Unfrozen);
+        check(&s);
+        let unfrozen = s.budget().unwrap().trainable;
+        assert!(unfrozen > before);
+        s.edit_plan(|p| p.lora.rank = 16);
+        check(&s);
+        s.edit_plan(|p| p.lora.targets = LoraTargets { fc1: true, fc2: true, ..LoraTargets::QV });
+        check(&s);
+        s.edit_plan(|p| p.convpass = Some(Default::default()));
+        check(&s);
+        s.edit_plan(|p| p.memory_tokens = Some(4));
+        check(&s);
+        s.apply_preset("lora").unwrap();
+        check(&s);
+        // Plain LoRA r=64 on Q,V of the 4 tiny blocks (width 64): 4 × 2 × 64 × (64 + 64).
+        assert_eq!(s.budget().unwrap().trainable, 4 * 2 * 64 * 128);
+        s.apply_preset("blocks:2").unwrap();
+        check(&s);
+        assert_eq!(s.plan.unfrozen_blocks(), vec![2, 3]);
+        assert!(s.apply_preset("blocks:x").unwrap_err().contains("unknown preset"));
+        // The activation estimate is the function `explora plan` calls.
+        let c = &s.config.crops;
+        assert_eq!(
+            s.activation_bytes().unwrap(),
+            crate::peft::activation_bytes(&vit, &s.plan, s.config.optim.batch, &[(c.global_size, 2), (c.local_size, c.local_crops)])
+        );
+    }
+
+    #[test]
+    fn validation_messages_are_the_cli_ones() {
+        let mut s = tiny_state();
+        s.edit_plan(|p| p.lora.rank = 65);
+        let problems = s.problems();
+        assert!(problems.iter().any(|p| p.contains("`lora.rank` 65 is larger than the q projection (64→64)")), "{problems:?}");
+        assert!(s.start().is_err());
+        s.edit_plan(|p| p.lora.rank = 8);
+        s.config.data.images = Some("/no/such/folder".into());
+        let problems = s.problems();
+        assert_eq!(problems[0], "invalid run config: `data.images` /no/such/folder is not a folder");
+        s.config.data.images = None;
+        s.config.crops.global_size = 36;
+        assert!(s.problems().iter().any(|p| p.contains("`crops.global_size` 36 is not a multiple of the model's patch size 8")));
+        s.config.crops.global_size = 32;
+        assert!(s.problems().is_empty(), "{:?}", s.problems());
+    }
+
+    #[test]
+    fn events_and_commands_round_trip_through_the_engine() {
+        let mut s = tiny_state();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let preview = Arc::new(BatchPreview { step: 1, grid: 2, samples: Vec::new() });
+        let sent = preview.clone();
+        let handle = engine::spawn("fake", move |ctx| {
+            ctx.phase("pre-training", Some(3));
+            for step in 1..=3u64 {
+                go_rx.recv().ok();
+                let flow = ctx.checkpoint_with(|request| {
+                    let map = AttentionMap { layer: request.layer, head: request.head, rows: 1, cols: 1, values: vec![1.0] };
+                    ctx.emit(Event::Attention(Arc::new(AttentionView {
+                        id: request.id,
+                        image: (*request.image).clone(),
+                        source: map.clone(),
+                        student: map,
+                        step,
+                    })));
+                });
+                if flow == engine::Flow::Stop {
+                    return Ok(format!("stopped at {step}"));
+                }
+                ctx.emit(Event::BatchPreview(sent.clone()));
+                ctx.emit(Event::Metrics { step, values: vec![("loss".into(), 1.0 / step as f64), ("teacher_temp".into(), 0.04)] });
+                ctx.progress(step, Some(3));
+            }
+            Ok("done".into())
+        });
+        s.attach(handle, s.out.clone(), Some(3));
+        let wait = |s: &mut AppState, until: &dyn Fn(&AppState) -> bool| {
+            let began = Instant::now();
+            while !until(s) {
+                s.poll();
+                assert!(began.elapsed().as_secs() < 10, "timed out");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        go_tx.send(()).unwrap();
+        wait(&mut s, &|s| s.series.get("loss").is_some_and(|v| v.len() == 1));
+        assert_eq!(s.batch.as_ref().unwrap().step, 1);
+        assert_eq!(s.run.as_ref().unwrap().step, 1);
+        // Pause, ask for attention while paused (answered at once), resume.
+        s.send(Command::Pause);
+        go_tx.send(()).unwrap();
+        wait(&mut s, &|s| s.run.as_ref().unwrap().paused);
+        let id = s.request_attention(Arc::new(RgbImage::new(4, 4)), 3, Some(1)).unwrap();
+        wait(&mut s, &|s| s.attention.is_some());
+        assert_eq!(s.attention.as_ref().unwrap().id, id);
+        assert_eq!(s.attention.as_ref().unwrap().source.head, Some(1));
+        assert_eq!(s.attention_pending, None);
+        s.send(Command::Resume);
+        wait(&mut s, &|s| s.series.get("loss").is_some_and(|v| v.len() == 2));
+        assert_eq!(s.series["teacher_temp"], vec![[1.0, 0.04], [2.0, 0.04]]);
+        s.send(Command::Stop);
+        go_tx.send(()).unwrap();
+        wait(&mut s, &|s| !s.is_running());
+        assert_eq!(s.run.as_ref().unwrap().finished, Some(Ok("stopped at 3".into())));
+        assert!(s.log.iter().any(|(_, m)| m == "stopped at 3"));
+    }
+}

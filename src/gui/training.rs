@@ -1,0 +1,116 @@
+//! Training panel: start / pause / resume / stop (stop writes a checkpoint), step, images/s,
+//! ETA, GPU memory, and live plots of the losses, learning rate, teacher temperature and the
+//! k-NN monitor. Buttons only send commands; numbers come from the job's events.
+
+use egui::Ui;
+use egui_plot::{Legend, Line, Plot};
+
+use super::state::AppState;
+use super::widgets::{duration, error_line, mib};
+use crate::engine::{Command, Level};
+
+#[derive(Default)]
+pub struct TrainingPanel {
+    pub message: Option<String>,
+}
+
+/// The status line the tests read: `step N / T`.
+pub fn step_label(state: &AppState) -> String {
+    match &state.run {
+        Some(run) => format!("step {} / {}", run.step, run.total.map_or("?".into(), |t| t.to_string())),
+        None => format!("step 0 / {}", state.config.run.steps),
+    }
+}
+
+fn plot(ui: &mut Ui, state: &AppState, id: &str, title: &str, names: &[&str], height: f32) {
+    ui.label(title);
+    Plot::new(id).height(height).legend(Legend::default()).allow_scroll(false).show(ui, |plot_ui| {
+        for name in names {
+            if let Some(points) = state.series.get(*name) {
+                plot_ui.line(Line::new(*name, points.clone()));
+            }
+        }
+    });
+}
+
+impl TrainingPanel {
+    pub fn ui(&mut self, ui: &mut Ui, state: &mut AppState) {
+        let running = state.is_running();
+        let paused = state.run.as_ref().is_some_and(|r| r.paused);
+        ui.horizontal(|ui| {
+            if ui.add_enabled(!running, egui::Button::new("Start")).clicked() {
+                self.message = state.start().err();
+            }
+            if running && !paused && ui.button("Pause").clicked() {
+                state.send(Command::Pause);
+            }
+            if running && paused && ui.button("Resume").clicked() {
+                state.send(Command::Resume);
+            }
+            if ui.add_enabled(running, egui::Button::new("Stop (writes a checkpoint)")).clicked() {
+                state.send(Command::Stop);
+            }
+        });
+        if let Some(m) = &self.message {
+            error_line(ui, m);
+        }
+
+        let mut status = vec![step_label(state)];
+        if let Some(run) = &state.run {
+            status.insert(0, run.phase.clone());
+            if run.paused {
+                status.push("paused".into());
+            }
+            if run.stopping {
+                status.push("stopping: finishing the step and writing a checkpoint…".into());
+            }
+        }
+        if let Some(v) = state.last("img_per_s") {
+            status.push(format!("{v:.1} images/s"));
+        }
+        if let Some(eta) = state.run.as_ref().filter(|r| r.is_running()).and_then(|r| r.eta_seconds()) {
+            status.push(format!("ETA {}", duration(eta)));
+        }
+        if let Some(bytes) = state.last("gpu_bytes") {
+            status.push(format!("GPU memory {}", mib(bytes as u64)));
+        }
+        ui.label(status.join(" · "));
+        if let Some(run) = &state.run {
+            let fraction = run.total.map_or(0.0, |t| run.step as f32 / t.max(1) as f32);
+            ui.add(egui::ProgressBar::new(fraction).show_percentage());
+            ui.label(format!("run folder: {}", run.out.display()));
+            match &run.finished {
+                Some(Ok(summary)) => {
+                    ui.label(summary);
+                }
+                Some(Err(e)) => error_line(ui, e),
+                None => {}
+            }
+        } else {
+            ui.label(format!("run folder: {} (press Start)", state.out.display()));
+        }
+
+        ui.separator();
+        let height = ((ui.available_height() - 160.0) / 2.0).clamp(90.0, 260.0);
+        ui.columns(2, |c| {
+            plot(&mut c[0], state, "plot-loss", "loss (total, DINO, iBOT, KoLeo)", &["loss", "dino", "ibot", "koleo"], height);
+            plot(&mut c[1], state, "plot-lr", "learning rate", &["lr"], height);
+        });
+        ui.columns(2, |c| {
+            plot(&mut c[0], state, "plot-temp", "teacher temperature", &["teacher_temp"], height);
+            plot(&mut c[1], state, "plot-knn", "k-NN top-1 (teacher CLS)", &["knn_top1"], height);
+        });
+
+        ui.separator();
+        egui::ScrollArea::vertical().id_salt("log").max_height(110.0).stick_to_bottom(true).show(ui, |ui| {
+            for (level, line) in state.log.iter().rev().take(40).rev() {
+                match level {
+                    Level::Warn => error_line(ui, line),
+                    Level::Info => {
+                        ui.label(line);
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,231 @@
+//! The desktop app under egui_kittest, rendered with wgpu on the device burn computes on (so
+//! the heatmap shader runs where CI runs everything else: Mesa's software Vulkan). The tiny
+//! built-in model at 32/16-px crops, batch 4: launch, edit the plan and read the budget, train
+//! a few steps and watch the plots and the batch viewer fill, look at attention maps, stop (a
+//! checkpoint) and resume, read the results. Every panel is rendered to a PNG under
+//! `$CARGO_TARGET_TMPDIR/gui-snapshots/`, checked not blank and different where it should be.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use explora::device::{DeviceChoice, open_shared};
+use explora::gui::{App, AppState, Tab, step_label, total_label};
+use explora::objectives::HeadConfig;
+use explora::train::PretrainConfig;
+use image::RgbaImage;
+
+fn snapshots() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gui-snapshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The built-in run, smaller: 32/16 px crops, batch 4, a small head, 3 steps.
+fn small_config() -> PretrainConfig {
+    let mut c = PretrainConfig::builtin_software();
+    c.crops.global_size = 32;
+    c.crops.local_size = 16;
+    c.crops.local_crops = 2;
+    c.data.procedural_tiles = 64;
+    c.data.procedural_size = 48;
+    c.head = HeadConfig { layers: 2, hidden: 64, bottleneck: 32, prototypes: 64 };
+    c.optim.batch = 4;
+    c.optim.reference_batch = 4;
+    c.optim.warmup_steps = 1;
+    c.optim.freeze_last_layer_steps = 1;
+    c.monitor.knn_every = 2;
+    c.monitor.knn_max_images = 16;
+    c.monitor.knn_k = 3;
+    c.run.steps = 3;
+    c.run.checkpoint_every = 0;
+    c.run.preview_every = 1;
+    c
+}
+
+fn app_harness(out: &Path) -> Harness<'static, App> {
+    let (device, setup) = open_shared(&DeviceChoice::Auto).expect("a wgpu adapter (mesa-vulkan-drivers without a GPU)");
+    let mut state = AppState::new(small_config(), DeviceChoice::Auto, Some(device));
+    state.out = out.to_path_buf();
+    Harness::builder()
+        .with_size([1280.0, 860.0])
+        .wgpu_setup(egui_wgpu::WgpuSetup::Existing(egui_wgpu::WgpuSetupExisting {
+            instance: setup.instance,
+            adapter: setup.adapter,
+            device: setup.device,
+            queue: setup.queue,
+        }))
+        .build_eframe(move |cc| App::new(cc, state))
+}
+
+/// Renders the current frame to `<name>.png` and checks it is not blank.
+fn snapshot(harness: &mut Harness<'_, App>, name: &str) -> RgbaImage {
+    harness.run_steps(2);
+    let image = harness.render().expect("render");
+    image.save(snapshots().join(format!("{name}.png"))).unwrap();
+    let mut colours = std::collections::HashSet::new();
+    for p in image.pixels().step_by(7) {
+        colours.insert(p.0);
+    }
+    assert!(colours.len() > 20, "{name}.png looks blank ({} colours)", colours.len());
+    image
+}
+
+/// Fraction of pixels that differ between two renders of the same size.
+fn difference(a: &RgbaImage, b: &RgbaImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let differ = a.pixels().zip(b.pixels()).filter(|(p, q)| p.0 != q.0).count();
+    differ as f64 / (a.width() * a.height()) as f64
+}
+
+fn open_tab(harness: &mut Harness<'_, App>, tab: Tab) {
+    harness.get_by_label(tab.name()).click();
+    harness.run_steps(2);
+    assert_eq!(harness.state().tab, tab);
+}
+
+/// Steps the app (the job runs on its own thread) until `until` holds.
+fn step_until(harness: &mut Harness<'_, App>, what: &str, limit: Duration, until: impl Fn(&App) -> bool) {
+    let began = Instant::now();
+    while !until(harness.state()) {
+        assert!(began.elapsed() < limit, "timed out waiting for {what}; log: {:?}", harness.state().state.log);
+        harness.step();
+        std::thread::sleep(Duration::from_millis(40));
+    }
+}
+
+#[test]
+fn the_app_edits_the_plan_trains_and_shows_batches_and_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut harness = app_harness(&out);
+    let launched = Instant::now();
+
+    // Launch: the Setup panel on the built-in run, ready to start.
+    assert_eq!(harness.state().tab, Tab::Setup);
+    harness.get_by_label("ready: press Start on the Training panel");
+    let setup = snapshot(&mut harness, "setup");
+
+    // The plan: the budget label follows the preset buttons, with `explora plan`'s numbers.
+    open_tab(&mut harness, Tab::Adaptation);
+    let explora_label = total_label(&harness.state().state).unwrap();
+    // (in the panel and in the status bar)
+    assert_eq!(harness.get_all_by_label(&explora_label).count(), 2);
+    let adaptation = snapshot(&mut harness, "adaptation-explora");
+    harness.get_by_label("lora preset").click();
+    harness.run_steps(2);
+    let vit = explora::model::VitConfig::tiny();
+    let lora = explora::peft::AdaptationPlan::preset(explora::peft::Preset::Lora, &vit).budget(&vit);
+    assert_eq!(harness.state().state.budget().unwrap(), lora);
+    let lora_label = total_label(&harness.state().state).unwrap();
+    assert!(lora_label.starts_with("total trainable: 65,536 "), "{lora_label}");
+    assert_eq!(harness.get_all_by_label(&lora_label).count(), 2);
+    let adaptation_lora = snapshot(&mut harness, "adaptation-lora");
+    assert!(difference(&setup, &adaptation) > 0.02, "setup and adaptation panels look the same");
+    let changed = difference(&adaptation, &adaptation_lora);
+    assert!(changed > 0.0005 && changed < 0.5, "a preset should change the rows and budget only ({changed})");
+    harness.get_by_label("explora preset").click();
+    harness.run_steps(2);
+    assert_eq!(total_label(&harness.state().state).unwrap(), explora_label);
+
+    // Training: start, see the plots and the batch viewer fill.
+    open_tab(&mut harness, Tab::Training);
+    let idle = snapshot(&mut harness, "training-idle");
+    harness.get_by_label("Start").click();
+    step_until(&mut harness, "the first training steps", Duration::from_secs(240), |app| {
+        app.state.series.get("loss").is_some_and(|s| !s.is_empty()) && app.state.batch.is_some()
+    });
+    // Pause: the job stops between two steps; the rest happens while it waits.
+    harness.get_by_label("Pause").click();
+    step_until(&mut harness, "the pause", Duration::from_secs(120), |app| app.state.run.as_ref().unwrap().paused);
+    harness.get_by_label("Resume");
+    let steps_taken = harness.state().state.run.as_ref().unwrap().step;
+    assert!((1..3).contains(&steps_taken), "paused at {steps_taken}");
+    assert!(harness.get_all_by_label_contains(&step_label(&harness.state().state)).count() >= 1);
+    let training = snapshot(&mut harness, "training");
+    assert!(difference(&idle, &training) > 0.01, "the plots did not fill");
+
+    open_tab(&mut harness, Tab::Batch);
+    assert!(harness.state().batch.thumbnails() >= 4 * 4, "4 samples × (2 global + 2 local crops)");
+    let batch = snapshot(&mut harness, "batch");
+    harness.get_by_label_contains("sample 0, global crop 0").click();
+    harness.run_steps(2);
+    assert_eq!(harness.state().batch.enlarged, Some((0, 0)));
+    let enlarged = snapshot(&mut harness, "batch-enlarged");
+    assert!(difference(&batch, &enlarged) > 0.01, "clicking a crop should enlarge it");
+
+    // Attention: asked of the (paused) job, answered between two steps.
+    open_tab(&mut harness, Tab::Attention);
+    harness.get_by_label("Show attention").click();
+    step_until(&mut harness, "the attention maps", Duration::from_secs(180), |app| app.state.attention.is_some());
+    assert!(harness.state().state.gpu_heatmap, "heatmaps are drawn by the WGSL shader");
+    let view = harness.state().state.attention.clone().unwrap();
+    assert_eq!((view.source.rows, view.source.cols), (4, 4));
+    assert_eq!(view.source.layer, 3);
+    let attention = snapshot(&mut harness, "attention");
+    assert!(difference(&batch, &attention) > 0.05);
+
+    // Stop writes a checkpoint; resuming the folder (as `explora --no-gui resume` would) finishes.
+    harness.state_mut().state.send(explora::engine::Command::Stop);
+    step_until(&mut harness, "the stop", Duration::from_secs(120), |app| !app.state.is_running());
+    let stopped_at = harness.state().state.run.as_ref().unwrap().step;
+    assert_eq!(stopped_at, steps_taken, "a paused run stops where it is");
+    let checkpoints: Vec<_> = std::fs::read_dir(out.join("checkpoints")).unwrap().collect();
+    assert!(!checkpoints.is_empty(), "stop wrote no checkpoint");
+    harness.state_mut().state.resume(&out, None).unwrap();
+    step_until(&mut harness, "the resumed run", Duration::from_secs(240), |app| !app.state.is_running());
+    assert!(harness.state().state.series["loss"].len() >= 3, "the resumed run's plots start with the earlier steps");
+    let finished = harness.state().state.run.as_ref().unwrap().finished.clone().unwrap();
+    assert!(finished.as_ref().is_ok_and(|s| s.contains("pre-trained 3 steps")), "{finished:?}");
+    assert!(out.join("backbone.safetensors").exists() && out.join("report.md").exists());
+
+    open_tab(&mut harness, Tab::Results);
+    harness.get_by_label("report.md");
+    let results = snapshot(&mut harness, "results");
+    assert!(difference(&results, &training) > 0.02);
+    eprintln!("gui test: {:.0} s, snapshots in {}", launched.elapsed().as_secs_f64(), snapshots().display());
+}
+
+#[test]
+fn without_a_display_the_binary_says_so_in_one_line_and_runs_headless() {
+    use std::io::BufRead;
+    // `explora` with no command and no display: one line naming what it looked for, then the
+    // built-in default run headless (stopped once it has started, to stay fast).
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_explora"))
+        .current_dir(dir.path())
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    // (Mesa may print a driver warning before the run's own first line.)
+    let started = lines.by_ref().take(10).map_while(Result::ok).find(|l| l.starts_with("device: "));
+    child.kill().ok();
+    child.wait().ok();
+    assert_eq!(
+        first,
+        "explora: no display found (neither DISPLAY nor WAYLAND_DISPLAY is set); running the built-in default headless, as `explora --no-gui` does"
+    );
+    assert!(started.is_some(), "the default run should start headless");
+}
+
+#[test]
+fn without_a_usable_adapter_the_app_names_what_was_tried_and_what_to_install() {
+    // A display is claimed (so the app path is taken) but the Vulkan loader finds no driver.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_explora"))
+        .env("DISPLAY", ":12345")
+        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+        .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no GPU adapter found (wgpu tried Vulkan, Metal and DX12)"), "{stderr}");
+    assert!(stderr.contains("mesa-vulkan-drivers"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
