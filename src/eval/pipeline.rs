@@ -208,6 +208,22 @@ pub struct PipelineSummary {
     pub stopped: bool,
 }
 
+impl PipelineSummary {
+    /// One line: top-1 of each method before → after ExPLoRA.
+    pub fn headline(&self) -> String {
+        let top1 = |variant: &str, method: &str| {
+            self.rows.iter().find(|r| r.variant == variant && r.method == method).map(|r| 100.0 * r.top1)
+        };
+        let parts: Vec<String> = self
+            .rows
+            .iter()
+            .filter(|r| r.variant == "source")
+            .filter_map(|r| Some(format!("{} {:.1}% → {:.1}%", r.method, top1("source", &r.method)?, top1("explora", &r.method)?)))
+            .collect();
+        if parts.is_empty() { "no comparison (stopped early)".into() } else { format!("top-1, source → ExPLoRA: {}", parts.join(", ")) }
+    }
+}
+
 struct Variant {
     name: &'static str,
     weights: PathBuf,
@@ -244,6 +260,41 @@ fn cache_key(weights: &Path, size: u32, items: &[(PathBuf, usize)]) -> String {
 
 /// Runs the comparison into `out`; running it again continues where it stopped.
 pub fn run_pipeline(config: &PipelineConfig, out: &Path, device: &Device, ctx: &mut JobContext) -> anyhow::Result<PipelineSummary> {
+    run_comparison(config, out, None, device, ctx)
+}
+
+/// Compares the base backbone of the finished pre-training run in `run` with the backbone it
+/// produced, on the labelled set `labelled` (k-NN and linear probe at the run's global crop
+/// size), and writes the comparison into `<run>/evaluation/`. This is what the app does after
+/// a run when a labelled folder is given.
+pub fn evaluate_run(run: &Path, labelled: &Path, device: &Device, ctx: &mut JobContext) -> anyhow::Result<PipelineSummary> {
+    let summary_path = run.join("summary.json");
+    if !summary_path.exists() {
+        anyhow::bail!("{} has not finished pre-training (no summary.json): resume it first", run.display());
+    }
+    let done: crate::train::PretrainSummary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)?;
+    let pretrain = PretrainConfig::load(&run.join("config.toml"))?;
+    let mut config = PipelineConfig { model: pretrain.model.clone(), pretrain, ..PipelineConfig::default() };
+    config.data.labelled = Some(labelled.to_path_buf());
+    config.data.image_size = config.pretrain.crops.global_size;
+    config.data.seed = config.pretrain.run.seed;
+    let adapted = Finished { dir: run.to_path_buf(), summary: done };
+    run_comparison(&config, &run.join("evaluation"), Some(adapted), device, ctx)
+}
+
+/// A pre-training run that already finished.
+struct Finished {
+    dir: PathBuf,
+    summary: crate::train::PretrainSummary,
+}
+
+fn run_comparison(
+    config: &PipelineConfig,
+    out: &Path,
+    finished: Option<Finished>,
+    device: &Device,
+    ctx: &mut JobContext,
+) -> anyhow::Result<PipelineSummary> {
     config.validate()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("pipeline.toml"), config.to_toml())?;
@@ -308,35 +359,48 @@ pub fn run_pipeline(config: &PipelineConfig, out: &Path, device: &Device, ctx: &
         return Ok(summary);
     }
 
-    // ExPLoRA pre-training on the training images (labels unused).
-    let pre_dir = out.join("pretrain");
-    std::fs::create_dir_all(&pre_dir)?;
-    let list = out.join("train-images.txt");
-    let lines: String = train.iter().map(|(p, _)| format!("{}\n", p.display())).collect();
-    std::fs::write(&list, lines)?;
-    let mut pre_config = config.pretrain.clone();
-    pre_config.model = ModelSection { weights: Some(source_weights.clone()), arch: config.model.arch.clone() };
-    pre_config.data.images = None;
-    pre_config.data.list = Some(list);
-    pre_config.run.seed = seed;
-    let adapted = pre_dir.join("backbone.safetensors");
-    let began = Instant::now();
-    let done_before = adapted.exists() && pre_dir.join("summary.json").exists();
-    let pre_summary: crate::train::PretrainSummary = if done_before {
-        ctx.info(format!("pre-training already done in {} (delete the folder to redo it)", pre_dir.display()));
-        serde_json::from_str(&std::fs::read_to_string(pre_dir.join("summary.json"))?)?
-    } else {
-        let resume = !crate::train::state::list(&pre_dir).is_empty();
-        let job = PretrainJob { config: pre_config.clone(), out: pre_dir.clone(), resume };
-        let s = pretrain(&job, device, ctx)?;
-        if s.stopped_early {
-            summary.stopped = true;
-            return Ok(summary);
+    // ExPLoRA pre-training on the training images (labels unused), or the finished run given.
+    let (pre_dir, pre_config, pre_summary, pre_seconds, pre_data) = match finished {
+        Some(run) => {
+            let seconds = run.summary.images_seen as f64 / run.summary.images_per_second.max(1e-9);
+            let data = match (&config.pretrain.data.images, &config.pretrain.data.list) {
+                (Some(p), _) | (None, Some(p)) => format!("`{}`", p.display()),
+                (None, None) => "procedural tiles".to_string(),
+            };
+            (run.dir, config.pretrain.clone(), run.summary, seconds, data)
         }
-        std::fs::write(pre_dir.join("summary.json"), serde_json::to_string_pretty(&s)?)?;
-        s
+        None => {
+            let pre_dir = out.join("pretrain");
+            std::fs::create_dir_all(&pre_dir)?;
+            let list = out.join("train-images.txt");
+            let lines: String = train.iter().map(|(p, _)| format!("{}\n", p.display())).collect();
+            std::fs::write(&list, lines)?;
+            let mut pre_config = config.pretrain.clone();
+            pre_config.model = ModelSection { weights: Some(source_weights.clone()), arch: config.model.arch.clone() };
+            pre_config.data.images = None;
+            pre_config.data.list = Some(list);
+            pre_config.run.seed = seed;
+            let began = Instant::now();
+            let summary_path = pre_dir.join("summary.json");
+            let (pre_summary, seconds) = if summary_path.exists() {
+                ctx.info(format!("pre-training already done in {} (delete the folder to redo it)", pre_dir.display()));
+                let s: crate::train::PretrainSummary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)?;
+                let seconds = s.images_seen as f64 / s.images_per_second.max(1e-9);
+                (s, seconds)
+            } else {
+                let resume = !crate::train::state::list(&pre_dir).is_empty();
+                let job = PretrainJob { config: pre_config.clone(), out: pre_dir.clone(), resume };
+                let s = pretrain(&job, device, ctx)?;
+                if s.stopped_early {
+                    summary.stopped = true;
+                    return Ok(summary);
+                }
+                (s, began.elapsed().as_secs_f64())
+            };
+            (pre_dir, pre_config, pre_summary, seconds, "the training split (labels unused)".to_string())
+        }
     };
-    let pre_seconds = if done_before { pre_summary.images_seen as f64 / pre_summary.images_per_second.max(1e-9) } else { began.elapsed().as_secs_f64() };
+    let adapted = pre_dir.join("backbone.safetensors");
     let plan = pre_config.plan.resolve(&vit).map_err(|e| anyhow::anyhow!("[pretrain.plan] {e}"))?;
     let explora = Variant {
         name: "explora",
@@ -353,7 +417,7 @@ pub fn run_pipeline(config: &PipelineConfig, out: &Path, device: &Device, ctx: &
 
     ctx.phase("writing the report", None);
     std::fs::write(out.join("report.csv"), report_csv(&summary))?;
-    std::fs::write(out.join("report.md"), report_md(config, &summary, &set, &pre_config))?;
+    std::fs::write(out.join("report.md"), report_md(config, &summary, &set, &pre_config, &pre_data))?;
     ctx.artifact("comparison report", out.join("report.md"));
     Ok(summary)
 }
@@ -510,14 +574,13 @@ fn report_csv(s: &PipelineSummary) -> String {
     text
 }
 
-fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &LabelledSet, pre: &PretrainConfig) -> String {
+fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &LabelledSet, pre: &PretrainConfig, pre_data: &str) -> String {
     let pct = |v: f64| if v.is_nan() { "—".to_string() } else { format!("{:.1}", 100.0 * v) };
     let mut md = String::from("# Did ExPLoRA pre-training help?\n\n");
     md.push_str(&format!(
         "- backbone: `{}`\n- labelled set: `{}` ({} images, {} classes); split {} train / {} val / {} test, seed {}\n\
          - evaluation input: {} px; k-NN on the CLS token (k = {}, T = {}); linear probe on [CLS ‖ mean patch], \
-         {} settings swept, chosen on val\n- ExPLoRA pre-training: {} steps × {} images on the training split \
-         (labels unused), plan `{}`\n\n",
+         {} settings swept, chosen on val\n- ExPLoRA pre-training: {} steps × {} images on {pre_data}, plan `{}`\n\n",
         config.model.weights.as_ref().map_or_else(|| format!("{} (random weights)", config.model.arch.clone().unwrap_or_default()), |p| p.display().to_string()),
         set.origin.display(),
         set.len(),

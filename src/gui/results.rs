@@ -1,6 +1,6 @@
 //! Results panel: what the run folder holds — the reports (`report.md`, and the evaluation
 //! reports with accuracy table, per-class accuracy and confusion matrix when a labelled set was
-//! evaluated: any `*.md` / `*.csv` in the folder or one level below), the last metrics and the
+//! evaluated: any `*.md` / `*.csv` in the folder or up to three levels below), the last metrics and the
 //! pictures (`*.png`).
 
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ fn files(dir: &Path, depth: usize) -> Vec<PathBuf> {
     let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     for path in entries {
-        if path.is_dir() && depth > 0 && path.file_name().is_some_and(|n| n != "checkpoints") {
+        if path.is_dir() && depth > 0 && path.file_name().is_some_and(|n| n != "checkpoints" && n != "features") {
             out.extend(files(&path, depth - 1));
         } else if path.is_file() {
             out.push(path);
@@ -38,7 +38,8 @@ impl ResultsPanel {
     fn refresh(&mut self, ctx: &egui::Context, folder: &Path) {
         self.texts.clear();
         self.pictures.clear();
-        for path in files(folder, 1) {
+        // `evaluation/eval/<variant>-<method>/confusion.png` is three levels down.
+        for path in files(folder, 3) {
             let name = path.strip_prefix(folder).unwrap_or(&path).display().to_string();
             match path.extension().and_then(|e| e.to_str()) {
                 Some("md" | "csv") => {

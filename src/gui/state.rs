@@ -339,7 +339,19 @@ impl AppState {
         self.attention = None;
         self.attention_pending = None;
         let out = job.out.clone();
-        let handle = engine::spawn("pretrain", move |ctx| crate::train::run(&job, &device, ctx));
+        // With a labelled folder, a finished run is then evaluated against its base backbone
+        // (k-NN and linear probe; the report lands in `<run>/evaluation/`).
+        let labelled = job.config.monitor.knn_images.clone();
+        let handle = engine::spawn("pretrain", move |ctx| {
+            let text = crate::train::run(&job, &device, ctx)?;
+            match labelled {
+                Some(labelled) if job.out.join("summary.json").exists() => {
+                    let summary = crate::eval::pipeline::evaluate_run(&job.out, &labelled, &device, ctx)?;
+                    Ok(format!("{text}\n{}; report in {}", summary.headline(), job.out.join("evaluation/report.md").display()))
+                }
+                _ => Ok(text),
+            }
+        });
         self.push_log(Level::Info, format!("started pre-training in {}", out.display()));
         self.run = Some(RunState {
             handle: Some(handle),

@@ -188,6 +188,12 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         );
     }
 
+    // `summary.json` marks a finished run (the pipeline and the app's evaluation read it); a
+    // run that goes on is not finished until it writes a new one.
+    let summary_path = out.join("summary.json");
+    if summary_path.exists() {
+        std::fs::remove_file(&summary_path).with_context(|| format!("removing {}", summary_path.display()))?;
+    }
     ctx.phase("loading the backbone", None);
     let ad = device.clone().autodiff();
     device.seed(config.run.seed);
@@ -460,6 +466,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     let report = out.join("report.md");
     std::fs::write(&report, report_text(&config, &plan, &vit, &summary))?;
     ctx.artifact("report", &report);
+    crate::checkpoint::atomic_write(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
 }
 

@@ -88,6 +88,20 @@ fn pipeline_compares_source_and_explora_and_reuses_its_work() {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| explora | linear-probe |") && md.contains("## Per-class accuracy"), "{md}");
 
+    // The app's path: a finished pre-training run compared with its base on a labelled set.
+    let (events, _r) = mpsc::channel();
+    let (_c, commands) = mpsc::channel::<Command>();
+    let mut ctx = JobContext::new(events, commands);
+    let run_dir = out.join("pretrain");
+    let evaluated = explora::eval::pipeline::evaluate_run(&run_dir, &out.join("data"), &device(), &mut ctx).unwrap();
+    assert_eq!(evaluated.rows.len(), 4);
+    assert!(evaluated.rows.iter().all(|r| r.top1 >= 2.5 * chance), "{:?}", evaluated.rows);
+    assert!(evaluated.headline().starts_with("top-1, source → ExPLoRA: knn "), "{}", evaluated.headline());
+    let md = std::fs::read_to_string(run_dir.join("evaluation/report.md")).unwrap();
+    assert!(md.contains("| explora | knn |"), "{md}");
+    let err = explora::eval::pipeline::evaluate_run(dir.path(), &out.join("data"), &device(), &mut ctx).unwrap_err();
+    assert!(format!("{err:#}").contains("has not finished pre-training"), "{err:#}");
+
     // Again, without fine-tuning: features come from the cache, pre-training is not redone,
     // and the numbers are the same.
     config.finetune = None;
@@ -129,4 +143,12 @@ fn pipeline_errors_name_the_problem() {
     let mut config = tiny_pipeline();
     config.probe.lrs.clear();
     assert!(format!("{:#}", config.validate().unwrap_err()).contains("`probe`"));
+    let mut config = tiny_pipeline();
+    config.finetune = Some(FinetuneConfig::default());
+    config.finetune_presets = vec!["lora".into(), "blocks:x".into()];
+    let err = format!("{:#}", config.validate().unwrap_err());
+    assert!(err.contains("`finetune_presets` `blocks:x` is not a preset"), "{err}");
+    config.finetune.as_mut().unwrap().crop_scale = [0.9, 0.5];
+    config.finetune_presets.clear();
+    assert!(format!("{:#}", config.validate().unwrap_err()).contains("`finetune.crop_scale`"));
 }
