@@ -3,7 +3,7 @@
 //! k-NN monitor. Buttons only send commands; numbers come from the job's events.
 
 use egui::Ui;
-use egui_plot::{Legend, Line, Plot};
+use egui_plot::{Legend, Line, Plot, Points};
 
 use super::state::AppState;
 use super::widgets::{duration, error_line, mib};
@@ -22,12 +22,26 @@ pub fn step_label(state: &AppState) -> String {
     }
 }
 
+/// Series colours (one per name within a plot, the same for its line and its markers).
+const PALETTE: [egui::Color32; 4] = [
+    egui::Color32::from_rgb(230, 100, 90),
+    egui::Color32::from_rgb(90, 150, 230),
+    egui::Color32::from_rgb(150, 200, 90),
+    egui::Color32::from_rgb(200, 110, 200),
+];
+
 fn plot(ui: &mut Ui, state: &AppState, id: &str, title: &str, names: &[&str], height: f32) {
     ui.label(title);
     Plot::new(id).height(height).legend(Legend::default()).allow_scroll(false).show(ui, |plot_ui| {
-        for name in names {
+        for (i, name) in names.iter().enumerate() {
             if let Some(points) = state.series.get(*name) {
-                plot_ui.line(Line::new(*name, points.clone()));
+                let color = PALETTE[i % PALETTE.len()];
+                plot_ui.line(Line::new(*name, points.clone()).color(color));
+                // Sparse series (the k-NN monitor, the first steps) also get markers: a single
+                // point draws no line.
+                if points.len() <= 30 {
+                    plot_ui.points(Points::new(*name, points.clone()).color(color).radius(3.0));
+                }
             }
         }
     });
