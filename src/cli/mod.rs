@@ -618,7 +618,7 @@ fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         config.name,
         config.depth,
         config.embed_dim,
-        group(config.num_params()),
+        crate::peft::thousands(config.num_params()),
         args.preset
     );
     println!("{:<44} {:>14} {:>8}", "trainable component", "parameters", "%");
@@ -626,11 +626,11 @@ fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         println!(
             "{:<44} {:>14} {:>7.2}%",
             row.component,
-            group(row.params),
+            crate::peft::thousands(row.params),
             100.0 * row.params as f64 / budget.backbone as f64
         );
     }
-    println!("{:<44} {:>14} {:>7.2}%", "total", group(budget.trainable), budget.percent());
+    println!("{:<44} {:>14} {:>7.2}%", "total", crate::peft::thousands(budget.trainable), budget.percent());
     println!(
         "optimizer state (AdamW, 2 × f32 per trainable parameter): {:.1} MiB",
         budget.optimizer_state_bytes() as f64 / (1 << 20) as f64
@@ -646,18 +646,6 @@ fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `18725888` → `18,725,888`.
-fn group(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
 
 fn write_png(image: &image::RgbImage, path: &Path) -> anyhow::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {

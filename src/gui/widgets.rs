@@ -20,18 +20,7 @@ pub fn number<T: egui::emath::Numeric>(ui: &mut Ui, label: &str, value: &mut T, 
     .inner
 }
 
-/// `18725888` → `18,725,888`.
-pub fn group(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use crate::peft::thousands as group;
 
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
