@@ -105,7 +105,7 @@ impl SetupPanel {
         if text_field(ui, "unlabelled images (empty: procedural satellite-like tiles)", &mut self.images, 360.0).changed() {
             state.config.data.images = non_empty(&self.images);
         }
-        if text_field(ui, "labelled ImageFolder (optional, for the k-NN monitor)", &mut self.labelled, 360.0).changed() {
+        if text_field(ui, "labelled ImageFolder (optional: the k-NN monitor, and a before/after evaluation when the run ends)", &mut self.labelled, 360.0).changed() {
             state.config.monitor.knn_images = non_empty(&self.labelled);
             if state.config.monitor.knn_images.is_some() && state.config.monitor.knn_every == 0 {
                 state.config.monitor.knn_every = 500;
