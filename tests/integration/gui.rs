@@ -229,3 +229,31 @@ fn without_a_usable_adapter_the_app_names_what_was_tried_and_what_to_install() {
     assert!(stderr.contains("mesa-vulkan-drivers"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn the_results_panel_shows_the_evaluation_report_and_confusion_matrices() {
+    // A finished run folder as the app leaves it after evaluating on a labelled folder.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let eval = run.join("evaluation");
+    std::fs::create_dir_all(eval.join("eval/explora-linear-probe")).unwrap();
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::write(run.join("report.md"), "# ExPLoRA pre-training\n").unwrap();
+    std::fs::write(
+        eval.join("report.md"),
+        "# Did ExPLoRA pre-training help?\n\n| variant | method | top-1 % |\n|---|---|---:|\n| source | knn | 82.5 |\n| explora | linear-probe | 100.0 |\n",
+    )
+    .unwrap();
+    let classes: Vec<String> = ["fields", "forest", "water"].iter().map(|s| s.to_string()).collect();
+    explora::eval::figure::confusion_matrix(&[vec![8, 0, 0], vec![1, 7, 0], vec![0, 0, 8]], &classes, "explora, linear-probe")
+        .save(eval.join("eval/explora-linear-probe/confusion.png"))
+        .unwrap();
+    let mut harness = app_harness(&run);
+    let before = snapshot(&mut harness, "results-before");
+    open_tab(&mut harness, Tab::Results);
+    harness.get_by_label("evaluation/report.md");
+    // Its caption and the picture itself (alt text).
+    assert_eq!(harness.get_all_by_label("evaluation/eval/explora-linear-probe/confusion.png").count(), 2);
+    let results = snapshot(&mut harness, "results-evaluation");
+    assert!(difference(&before, &results) > 0.02, "the Results panel shows nothing new");
+}
