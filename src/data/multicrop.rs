@@ -889,6 +889,8 @@ pub struct CropBatch {
     pub skipped: Vec<(PathBuf, String)>,
     /// The un-normalised crops of sample 0, when [`BatchSpec::preview_every`] asked for them.
     pub preview: Option<Crops>,
+    /// The source image (index into the [`ImageSource`]) of each sample.
+    pub sources: Vec<usize>,
 }
 
 impl CropBatch {
@@ -961,6 +963,8 @@ impl OrderCache {
 
 /// One sample's crops and the files skipped to get it.
 struct Sample {
+    /// Index of the source image in the [`ImageSource`].
+    index: usize,
     crops: Crops,
     skipped: Vec<(PathBuf, String)>,
 }
@@ -1033,7 +1037,7 @@ fn build_batch_cached(
                     Ok(image) => {
                         let mut rng = stream_rng(spec.seed, STREAM_AUGMENT, g);
                         let crops = augment(&image, &spec.crops, &mut rng);
-                        return Ok(Sample { crops, skipped });
+                        return Ok(Sample { index, crops, skipped });
                     }
                     Err(e) => {
                         let path = source
@@ -1082,6 +1086,7 @@ fn build_batch_cached(
     let mut mask_rng = stream_rng(spec.seed, STREAM_MASKS, step);
     let masks = batch_masks(2 * b, spec.grid(), &spec.masks, &mut mask_rng);
 
+    let sources = samples.iter().map(|s| s.index).collect();
     let preview = spec
         .wants_preview(step)
         .then(|| samples.into_iter().next().map(|s| s.crops))
@@ -1099,6 +1104,7 @@ fn build_batch_cached(
         masks,
         skipped,
         preview,
+        sources,
     })
 }
 
@@ -1843,6 +1849,13 @@ mod tests {
             [PathBuf::from("img2.png"), PathBuf::from("img3.png")]
         );
         assert!(batch.skipped.iter().all(|(_, r)| r == "broken"));
+        // Each sample names the image it was cut from: never a broken one, each once.
+        let mut sources = batch.sources.clone();
+        sources.sort_unstable();
+        sources.dedup();
+        assert_eq!(batch.sources.len(), 6);
+        assert!(batch.sources.iter().all(|i| *i < 6 && *i != 2 && *i != 3), "{:?}", batch.sources);
+        assert!(sources.len() >= 4, "{:?}", batch.sources);
         assert_eq!(batch.globals.len(), 2 * 6 * 3 * 32 * 32);
         assert_eq!(batch, build_batch(&source, &spec, 0).unwrap());
 

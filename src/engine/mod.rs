@@ -45,6 +45,8 @@ pub struct BatchPreview {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplePreview {
+    /// The source image the crops were cut from (a thumbnail), when it could be read again.
+    pub source: Option<image::RgbImage>,
     pub globals: Vec<image::RgbImage>,
     /// `globals.len() × grid²` masks, crop after crop (true = masked).
     pub masks: Vec<bool>,

@@ -1,4 +1,4 @@
-//! Batch viewer: the current training batch as thumbnails — per sample its two global crops
+//! Batch viewer: the current training batch as thumbnails — per sample its source image, its two global crops
 //! with the iBOT mask drawn over the masked patches, then its local crops; click one to
 //! enlarge it.
 
@@ -23,7 +23,7 @@ struct Thumb {
 #[derive(Default)]
 pub struct BatchPanel {
     shown_step: Option<u64>,
-    /// Per sample: global crops then local crops.
+    /// Per sample: the source image, global crops, local crops.
     thumbs: Vec<Vec<Thumb>>,
     grid: usize,
     /// `(sample, crop)` of the enlarged crop.
@@ -63,7 +63,12 @@ impl BatchPanel {
                     mask: None,
                     label: format!("sample {j}, local crop {k} ({} px)", img.width()),
                 });
-                globals.chain(locals).collect()
+                let source = sample.source.iter().map(|img| Thumb {
+                    texture: ctx.load_texture(format!("batch-{j}-s"), rgb_to_color_image(img), egui::TextureOptions::LINEAR),
+                    mask: None,
+                    label: format!("sample {j}, source image ({}×{} thumbnail)", img.width(), img.height()),
+                });
+                source.chain(globals).chain(locals).collect()
             })
             .collect();
         self.shown_step = Some(preview.step);
@@ -99,7 +104,7 @@ impl BatchPanel {
             self.load(ui.ctx(), &preview);
         }
         ui.label(format!(
-            "batch of step {}: {} samples shown — two global crops each (iBOT-masked patches tinted blue, {}×{} patches) and the local crops; click a crop to enlarge it",
+            "batch of step {}: {} samples shown — the source image, its two global crops (iBOT-masked patches tinted blue, {}×{} patches) and its local crops; click one to enlarge it",
             preview.step,
             preview.samples.len(),
             self.grid,
@@ -125,7 +130,7 @@ impl BatchPanel {
                 ui.horizontal(|ui| {
                     ui.label(format!("sample {j}"));
                     for (k, thumb) in thumbs.iter().enumerate() {
-                        let size = if thumb.mask.is_some() { 96.0 } else { 56.0 };
+                        let size = if thumb.mask.is_some() || (k == 0 && preview.samples.get(j).is_some_and(|s| s.source.is_some())) { 96.0 } else { 56.0 };
                         if self.thumb(ui, thumb, size).clicked() {
                             clicked = Some((j, k));
                         }

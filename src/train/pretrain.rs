@@ -263,6 +263,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     };
     let grid = config.crops.global_size as usize / patch;
     let capacity = crate::data::max_masked(2 * config.optim.batch, grid * grid, &config.masks).max(1);
+    let preview_source = source.clone();
     let mut loader = CropLoader::new(source, spec, start * accumulation, config.data.prefetch);
 
     let knn_set = if config.monitor.knn_every > 0 {
@@ -341,7 +342,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
             // Pictures of the batch for the app, at most every two seconds.
             if micro == 0 && last_preview.is_none_or(|t| t.elapsed().as_secs_f64() >= 2.0) {
                 last_preview = Some(Instant::now());
-                ctx.emit(Event::BatchPreview(Arc::new(batch_preview(&batch, step + 1, 8))));
+                ctx.emit(Event::BatchPreview(Arc::new(batch_preview(&batch, preview_source.as_ref(), step + 1, 8))));
             }
             for (path, reason) in &batch.skipped {
                 summary.skipped_files += 1;
@@ -471,13 +472,19 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
 }
 
 /// The first `max` samples of `batch` as images (crops un-normalised, masks per global crop).
-fn batch_preview(batch: &CropBatch, step: u64, max: usize) -> BatchPreview {
+fn batch_preview(batch: &CropBatch, source: &dyn ImageSource, step: u64, max: usize) -> BatchPreview {
     let b = batch.batch;
     let (gs, ls) = (batch.global_size, batch.local_size);
     let (gv, lv) = (batch.global_values(), batch.local_values());
     let image = |data: &[f32], size: u32| crate::data::denormalize_chw_to_rgb(data, size, size);
     let samples = (0..b.min(max))
         .map(|j| SamplePreview {
+            source: batch.sources.get(j).and_then(|&i| source.load(i).ok()).map(|img| {
+                let (w, h) = img.dimensions();
+                let scale = (128.0 / w.max(h).max(1) as f64).min(1.0);
+                let size = |v: u32| ((v as f64 * scale).round() as u32).max(1);
+                image::imageops::thumbnail(&img, size(w), size(h))
+            }),
             globals: [j, b + j].iter().filter_map(|&c| batch.globals.get(c * gv..(c + 1) * gv)).map(|d| image(d, gs)).collect(),
             masks: batch.sample_masks(j),
             locals: (0..batch.local_crops)

@@ -147,11 +147,11 @@ fn the_app_edits_the_plan_trains_and_shows_batches_and_attention() {
     assert!(difference(&idle, &training) > 0.01, "the plots did not fill");
 
     open_tab(&mut harness, Tab::Batch);
-    assert!(harness.state().batch.thumbnails() >= 4 * 4, "4 samples × (2 global + 2 local crops)");
+    assert_eq!(harness.state().batch.thumbnails(), 4 * 5, "4 samples × (source + 2 global + 2 local crops)");
     let batch = snapshot(&mut harness, "batch");
     harness.get_by_label_contains("sample 0, global crop 0").click();
     harness.run_steps(2);
-    assert_eq!(harness.state().batch.enlarged, Some((0, 0)));
+    assert_eq!(harness.state().batch.enlarged, Some((0, 1)), "global crop 0 comes after the source image");
     let enlarged = snapshot(&mut harness, "batch-enlarged");
     assert!(difference(&batch, &enlarged) > 0.01, "clicking a crop should enlarge it");
 
