@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use explora::checkpoint::{RawTensor, TensorMap, read_safetensors};
 use explora::device::{DeviceChoice, open};
+use explora::objectives::HeadConfig;
+use explora::train::PretrainConfig;
 
 pub fn device() -> Device {
     open(&DeviceChoice::Auto).expect("a wgpu adapter; on Linux without a GPU install mesa-vulkan-drivers")
@@ -42,4 +44,24 @@ pub fn assert_close<const D: usize>(actual: Tensor<D>, expected: &RawTensor, tol
     assert_eq!(dims, expected.shape, "{what}: shape");
     let diff = max_abs_diff(&got, &expected.data);
     assert!(diff <= tol, "{what}: max abs diff {diff:e} > {tol:e}");
+}
+
+/// The built-in run shrunk further: 32 px global and 16 px local crops on the tiny backbone.
+pub fn small_config(steps: u64) -> PretrainConfig {
+    let mut c = PretrainConfig::builtin();
+    c.crops.global_size = 32;
+    c.crops.local_size = 16;
+    c.crops.local_crops = 2;
+    c.data.procedural_tiles = 64;
+    c.data.procedural_size = 48;
+    c.head = HeadConfig { layers: 2, hidden: 64, bottleneck: 32, prototypes: 64 };
+    c.optim.batch = 8;
+    c.optim.warmup_steps = 2;
+    c.optim.freeze_last_layer_steps = 1;
+    c.loss.teacher_temp_warmup_steps = 5;
+    c.monitor.knn_every = 0;
+    c.run.steps = steps;
+    c.run.checkpoint_every = 0;
+    c.run.preview_every = 0;
+    c
 }

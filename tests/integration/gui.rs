@@ -12,7 +12,6 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use explora::device::{DeviceChoice, open_shared};
 use explora::gui::{App, AppState, Tab, step_label, total_label};
-use explora::objectives::HeadConfig;
 use explora::train::PretrainConfig;
 use image::RgbaImage;
 
@@ -22,24 +21,16 @@ fn snapshots() -> PathBuf {
     dir
 }
 
-/// The built-in run, smaller: 32/16 px crops, batch 4, a small head, 3 steps.
+/// The tests' small pre-training run with batch 4, 3 steps, the k-NN monitor every 2 steps and
+/// a preview every step.
 fn small_config() -> PretrainConfig {
-    let mut c = PretrainConfig::builtin_software();
-    c.crops.global_size = 32;
-    c.crops.local_size = 16;
-    c.crops.local_crops = 2;
-    c.data.procedural_tiles = 64;
-    c.data.procedural_size = 48;
-    c.head = HeadConfig { layers: 2, hidden: 64, bottleneck: 32, prototypes: 64 };
+    let mut c = crate::common::small_config(3);
     c.optim.batch = 4;
     c.optim.reference_batch = 4;
     c.optim.warmup_steps = 1;
-    c.optim.freeze_last_layer_steps = 1;
     c.monitor.knn_every = 2;
     c.monitor.knn_max_images = 16;
     c.monitor.knn_k = 3;
-    c.run.steps = 3;
-    c.run.checkpoint_every = 0;
     c.run.preview_every = 1;
     c
 }

@@ -17,26 +17,6 @@ use explora::train::{PretrainConfig, PretrainJob, pretrain};
 
 use crate::common::*;
 
-/// The built-in run shrunk further: 32 px global and 16 px local crops on the tiny backbone.
-fn small_config(steps: u64) -> PretrainConfig {
-    let mut c = PretrainConfig::builtin();
-    c.crops.global_size = 32;
-    c.crops.local_size = 16;
-    c.crops.local_crops = 2;
-    c.data.procedural_tiles = 64;
-    c.data.procedural_size = 48;
-    c.head = HeadConfig { layers: 2, hidden: 64, bottleneck: 32, prototypes: 64 };
-    c.optim.batch = 8;
-    c.optim.warmup_steps = 2;
-    c.optim.freeze_last_layer_steps = 1;
-    c.loss.teacher_temp_warmup_steps = 5;
-    c.monitor.knn_every = 0;
-    c.run.steps = steps;
-    c.run.checkpoint_every = 0;
-    c.run.preview_every = 0;
-    c
-}
-
 fn run_quietly(config: PretrainConfig, out: &Path, resume: bool) -> anyhow::Result<explora::train::PretrainSummary> {
     let device = device();
     let job = PretrainJob { config, out: out.to_path_buf(), resume };
