@@ -11,7 +11,7 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
 use super::DataError;
-use super::folder::{ImageItem, ImageList, is_image_path};
+use super::folder::{ImageList, is_image_path};
 
 fn invalid(reason: impl Into<String>) -> DataError {
     DataError::Invalid { reason: reason.into() }
@@ -183,18 +183,6 @@ impl LabelledSet {
             counts[*label] += 1;
         }
         counts
-    }
-
-    /// The images at `indices` as an [`ImageList`] (labels kept) for feature extraction.
-    pub fn subset(&self, indices: &[usize]) -> ImageList {
-        ImageList {
-            root: self.origin.clone(),
-            items: indices
-                .iter()
-                .map(|&i| ImageItem { path: self.items[i].0.clone(), label: Some(self.items[i].1) })
-                .collect(),
-            classes: self.classes.clone(),
-        }
     }
 }
 

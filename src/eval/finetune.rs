@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::metrics::Metrics;
 use super::{images_tensor, to_vec};
 use crate::checkpoint::{Metadata, RawTensor, TensorMap, load_backbone, save_backbone, write_safetensors};
-use crate::data::{Preprocess, decode_rgb, normalize_chw, train_view};
+use crate::data::{Preprocess, SkipReport, decode_rgb, load_batch, normalize_chw, train_view};
 use crate::engine::{Event, Flow, JobContext};
 use crate::model::{ForwardOptions, Vit};
 use crate::objectives::params::{accumulate_grads, map_params, trainable_params};
@@ -196,18 +196,14 @@ pub fn predict(model: &Classifier, items: &[(PathBuf, usize)], size: u32, batch:
     let pre = Preprocess::new(size);
     let (mut scores, mut labels) = (Vec::new(), Vec::new());
     for chunk in items.chunks(batch.max(1)) {
-        let decoded: Vec<(Vec<f32>, usize)> = chunk
-            .par_iter()
-            .filter_map(|(path, label)| decode_rgb(path).ok().map(|img| (pre.to_tensor_data(&img), *label)))
-            .collect();
-        if decoded.is_empty() {
+        let paths: Vec<PathBuf> = chunk.iter().map(|(p, _)| p.clone()).collect();
+        let (data, kept) = load_batch(&paths, &pre, &mut SkipReport::default());
+        if kept.is_empty() {
             continue;
         }
-        let n = decoded.len();
-        let (data, l): (Vec<Vec<f32>>, Vec<usize>) = decoded.into_iter().unzip();
-        let x = images_tensor(data.concat(), n, size as usize, device);
+        let x = images_tensor(data, kept.len(), size as usize, device);
         scores.extend(to_vec(model.forward(x)));
-        labels.extend(l);
+        labels.extend(kept.iter().map(|&k| chunk[k].1));
     }
     (scores, labels)
 }
