@@ -1,5 +1,7 @@
-//! GPU adapters: listing what wgpu sees, choosing one (`--device` / `BURN_DEVICE`), and opening
-//! burn's device on it with a clear error when nothing usable is there.
+//! Where explora computes: burn's native CPU backend (burn-flex) or a wgpu adapter (a GPU, or
+//! software Vulkan for testing the WGSL path). Lists what wgpu sees, resolves `--device` /
+//! `BURN_DEVICE` (`auto`: a real GPU when there is one, otherwise the CPU backend) and opens the
+//! device with a clear error when the choice is not usable.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -25,23 +27,33 @@ pub struct AdapterInfo {
     pub subgroups: bool,
 }
 
-/// Which adapter to run on.
+/// Where to compute.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum DeviceChoice {
-    /// wgpu's high-performance choice (overridable with `CUBECL_WGPU_DEFAULT_DEVICE`).
+    /// A real GPU when wgpu sees one (discrete, integrated or virtual), otherwise the native CPU
+    /// backend. Software Vulkan is never picked automatically: it is far slower than the CPU
+    /// backend on the same cores.
     #[default]
     Auto,
     Discrete(usize),
     Integrated(usize),
     Virtual(usize),
-    /// A CPU adapter: software Vulkan (lavapipe), used where there is no GPU.
+    /// burn's native CPU backend (burn-flex: multi-threaded `gemm` matmuls, SIMD, no shader
+    /// compilation).
     Cpu,
+    /// A CPU adapter of wgpu: software Vulkan (Mesa's lavapipe). Runs the WGSL path without a
+    /// GPU, for testing it; slow.
+    Software,
 }
+
+/// The `--device` values, for messages.
+pub const CHOICES: &str = "auto, cpu, software, gpu, discrete[:N], integrated[:N], virtual[:N]";
 
 impl FromStr for DeviceChoice {
     type Err = String;
 
-    /// `auto`, `cpu`, `discrete[:N]`, `integrated[:N]`, `virtual[:N]` (also `gpu` = `discrete:0`).
+    /// `auto`, `cpu`, `software` (also `lavapipe`), `discrete[:N]`, `integrated[:N]`,
+    /// `virtual[:N]` (also `gpu` = `discrete:0`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim().to_ascii_lowercase();
         let (kind, index) = match s.split_once(':') {
@@ -55,18 +67,17 @@ impl FromStr for DeviceChoice {
         };
         Ok(match kind.as_str() {
             "auto" | "default" => DeviceChoice::Auto,
-            "cpu" | "software" => DeviceChoice::Cpu,
+            "cpu" | "flex" => DeviceChoice::Cpu,
+            "software" | "lavapipe" | "llvmpipe" => DeviceChoice::Software,
             "gpu" | "discrete" => DeviceChoice::Discrete(index),
             "integrated" => DeviceChoice::Integrated(index),
             "virtual" => DeviceChoice::Virtual(index),
             other => {
-                return Err(format!(
-                    "unknown device `{other}`: use auto, cpu, discrete[:N], integrated[:N] or virtual[:N] \
-                     (`explora info` lists them)"
-                ));
+                return Err(format!("unknown device `{other}`: use one of {CHOICES} (`explora info` lists them)"));
             }
         })
     }
+
 }
 
 impl std::fmt::Display for DeviceChoice {
@@ -77,20 +88,38 @@ impl std::fmt::Display for DeviceChoice {
             DeviceChoice::Integrated(i) => write!(f, "integrated:{i}"),
             DeviceChoice::Virtual(i) => write!(f, "virtual:{i}"),
             DeviceChoice::Cpu => write!(f, "cpu"),
+            DeviceChoice::Software => write!(f, "software"),
         }
     }
+
 }
 
 impl DeviceChoice {
-    fn kind(&self) -> DeviceKind {
-        match self {
+    /// The wgpu adapter kind, for the choices that open one.
+    fn kind(&self) -> Option<DeviceKind> {
+        Some(match self {
             DeviceChoice::Auto => DeviceKind::DefaultDevice,
             DeviceChoice::Discrete(i) => DeviceKind::DiscreteGpu(*i),
             DeviceChoice::Integrated(i) => DeviceKind::IntegratedGpu(*i),
             DeviceChoice::Virtual(i) => DeviceKind::VirtualGpu(*i),
-            DeviceChoice::Cpu => DeviceKind::Cpu,
-        }
+            DeviceChoice::Software => DeviceKind::Cpu,
+            DeviceChoice::Cpu => return None,
+        })
     }
+
+    /// What `auto` resolves to on a machine with these adapters: the first discrete GPU, else
+    /// the first integrated, else the first virtual one, else the CPU backend.
+    pub fn resolve(&self, adapters: &[AdapterInfo]) -> DeviceChoice {
+        if *self != DeviceChoice::Auto {
+            return self.clone();
+        }
+        ["discrete", "integrated", "virtual"]
+            .iter()
+            .find_map(|kind| adapters.iter().find(|a| a.device_type == *kind))
+            .and_then(|a| a.selector.parse().ok())
+            .unwrap_or(DeviceChoice::Cpu)
+    }
+
 }
 
 /// No usable adapter, with what was tried and what to install.
@@ -122,6 +151,7 @@ fn install_hint() -> &'static str {
     } else {
         "Install a Vulkan, Metal or DX12 driver"
     }
+
 }
 
 fn type_name(t: wgpu::DeviceType) -> &'static str {
@@ -132,6 +162,7 @@ fn type_name(t: wgpu::DeviceType) -> &'static str {
         wgpu::DeviceType::Cpu => "cpu",
         wgpu::DeviceType::Other => "other",
     }
+
 }
 
 /// Every compute-capable adapter wgpu can see on the primary APIs (Vulkan, Metal, DX12; burn's
@@ -150,7 +181,7 @@ pub fn list_adapters() -> Vec<AdapterInfo> {
             let kind = type_name(info.device_type);
             let ordinal = seen.entry(kind).or_default();
             let selector = match kind {
-                "cpu" => "cpu".to_string(),
+                "cpu" => "software".to_string(),
                 "other" => "auto".to_string(),
                 _ => format!("{kind}:{ordinal}"),
             };
@@ -177,40 +208,64 @@ fn opened() -> &'static Mutex<HashMap<DeviceChoice, (Device, WgpuSetup)>> {
     OPENED.get_or_init(Default::default)
 }
 
-/// Opens (once per process) burn's wgpu device for `choice`.
+/// Opens (once per process) the device for `choice`: burn's native CPU backend or a wgpu
+/// adapter.
 pub fn open(choice: &DeviceChoice) -> Result<Device, DeviceError> {
     open_shared(choice).map(|(device, _)| device)
 }
 
-/// [`open`], also returning the wgpu instance, adapter, device and queue burn runs on, so that
-/// the app's window renders (and runs its heatmap shader) on the device burn computes on.
-pub fn open_shared(choice: &DeviceChoice) -> Result<(Device, WgpuSetup), DeviceError> {
+/// [`open`], also returning the wgpu instance, adapter, device and queue burn runs on when it
+/// runs on wgpu, so that the app's window renders on the device burn computes on. `None` for
+/// the CPU backend: the window then opens its own wgpu device and only draws.
+pub fn open_shared(choice: &DeviceChoice) -> Result<(Device, Option<WgpuSetup>), DeviceError> {
+    let choice = match choice {
+        DeviceChoice::Auto => choice.resolve(&list_adapters()),
+        other => other.clone(),
+    };
+    let Some(kind) = choice.kind() else {
+        return Ok((Device::flex(), None));
+    };
     let mut cache = opened().lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(opened) = cache.get(choice) {
-        return Ok(opened.clone());
+    if let Some((device, setup)) = cache.get(&choice) {
+        return Ok((device.clone(), Some(setup.clone())));
     }
     let adapters = list_adapters();
     if adapters.is_empty() {
         return Err(DeviceError::NoAdapter);
     }
-    if *choice != DeviceChoice::Auto && !adapters.iter().any(|a| a.selector == choice.to_string()) {
+    if !adapters.iter().any(|a| a.selector == choice.to_string()) {
         let available = adapters
             .iter()
             .map(|a| format!("{} ({})", a.selector, a.name))
+            .chain(std::iter::once("cpu (burn's native CPU backend)".to_string()))
             .collect::<Vec<_>>()
             .join(", ");
         return Err(DeviceError::NoMatch { choice: choice.clone(), available });
     }
     let opened = Device::wgpu_options()
-        .device_kind(choice.kind())
+        .device_kind(kind)
         .init_with_setup()
         .map_err(|source| DeviceError::Init { choice: choice.clone(), source })?;
     cache.insert(choice.clone(), opened.clone());
-    Ok(opened)
+    Ok((opened.0, Some(opened.1)))
 }
 
-/// The adapter's own name for an opened device, for logs and reports.
+/// Whether `device` is burn's native CPU backend (with or without autodiff).
+pub fn is_native_cpu(device: &Device) -> bool {
+    format!("{:?}", device.clone().inner()).contains("Flex(")
+}
+
+/// Threads the CPU backend computes with (rayon's pool).
+pub fn cpu_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// The device's name for logs and reports: the adapter's own name, or the CPU backend and its
+/// thread count.
 pub fn describe(device: &Device) -> String {
+    if is_native_cpu(device) {
+        return format!("CPU (burn-flex, {} threads)", cpu_threads());
+    }
     device
         .identity()
         .map(|id| id.name)
@@ -218,15 +273,33 @@ pub fn describe(device: &Device) -> String {
 }
 
 /// Whether `device` is a software rasteriser (Mesa's lavapipe/llvmpipe, SwiftShader, WARP):
-/// it works but is orders of magnitude slower than a GPU, so defaults are sized down.
+/// it works but is orders of magnitude slower than a GPU.
 pub fn is_software(device: &Device) -> bool {
+    if is_native_cpu(device) {
+        return false;
+    }
     let name = describe(device).to_ascii_lowercase();
     ["llvmpipe", "lavapipe", "swiftshader", "basic render", "softpipe"].iter().any(|s| name.contains(s))
+}
+
+/// Whether `device` computes on the CPU (the native backend or software Vulkan): defaults are
+/// sized down there.
+pub fn is_cpu_class(device: &Device) -> bool {
+    is_native_cpu(device) || is_software(device)
 }
 
 /// Bytes currently reserved by burn's memory pools on `device`, when the backend reports it.
 pub fn memory_reserved(device: &Device) -> Option<u64> {
     device.memory_pool_usage().map(|u| u.bytes_reserved)
+}
+
+/// The process's peak resident memory in bytes (Linux: `VmHWM`), the memory figure for the CPU
+/// backend.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]
@@ -237,14 +310,51 @@ mod tests {
     fn parses_device_choices() {
         assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
         assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!("software".parse::<DeviceChoice>().unwrap(), DeviceChoice::Software);
         assert_eq!("discrete:1".parse::<DeviceChoice>().unwrap(), DeviceChoice::Discrete(1));
         assert_eq!("gpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Discrete(0));
         assert_eq!("integrated".parse::<DeviceChoice>().unwrap(), DeviceChoice::Integrated(0));
         let err = "tpu".parse::<DeviceChoice>().unwrap_err();
         assert!(err.contains("unknown device `tpu`"), "{err}");
         assert!("discrete:x".parse::<DeviceChoice>().is_err());
-        for c in [DeviceChoice::Auto, DeviceChoice::Cpu, DeviceChoice::Virtual(2)] {
+        assert!(err.contains("software"), "the message lists the choices: {err}");
+        for c in [DeviceChoice::Auto, DeviceChoice::Cpu, DeviceChoice::Software, DeviceChoice::Virtual(2)] {
             assert_eq!(c.to_string().parse::<DeviceChoice>().unwrap(), c);
         }
+    }
+
+    fn adapter(kind: &str, selector: &str) -> AdapterInfo {
+        AdapterInfo {
+            name: kind.into(),
+            backend: "Vulkan".into(),
+            device_type: kind.into(),
+            driver: String::new(),
+            selector: selector.into(),
+            max_buffer_size: 0,
+            max_storage_buffer_binding_size: 0,
+            max_compute_invocations_per_workgroup: 0,
+            max_compute_workgroup_storage_size: 0,
+            shader_f16: false,
+            subgroups: false,
+        }
+    }
+
+    #[test]
+    fn auto_prefers_a_real_gpu_then_the_cpu_backend() {
+        let lavapipe = adapter("cpu", "cpu");
+        assert_eq!(DeviceChoice::Auto.resolve(&[]), DeviceChoice::Cpu);
+        assert_eq!(DeviceChoice::Auto.resolve(std::slice::from_ref(&lavapipe)), DeviceChoice::Cpu);
+        let gpus = [lavapipe.clone(), adapter("integrated", "integrated:0"), adapter("discrete", "discrete:0")];
+        assert_eq!(DeviceChoice::Auto.resolve(&gpus), DeviceChoice::Discrete(0));
+        assert_eq!(DeviceChoice::Auto.resolve(&gpus[..2]), DeviceChoice::Integrated(0));
+        assert_eq!(DeviceChoice::Software.resolve(&gpus), DeviceChoice::Software);
+    }
+
+    #[test]
+    fn the_cpu_backend_is_recognised() {
+        let cpu = open(&DeviceChoice::Cpu).unwrap();
+        assert!(is_native_cpu(&cpu) && is_native_cpu(&cpu.clone().autodiff()));
+        assert!(is_cpu_class(&cpu) && !is_software(&cpu));
+        assert!(describe(&cpu).starts_with("CPU (burn-flex"));
     }
 }

@@ -12,4 +12,5 @@ pub mod gui;
 pub mod model;
 pub mod objectives;
 pub mod peft;
+pub mod recipes;
 pub mod train;

@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::checkpoint::load_backbone_with;
 use crate::data::{ImageList, Preprocess, decode_rgb};
 use crate::device::{self, DeviceChoice};
-use crate::engine::{self, default_run::DefaultRun};
+use crate::engine;
+use crate::recipes::default_run::DefaultRun;
 use crate::eval::{attention, embed, images_tensor};
 use crate::model::VitConfig;
 use crate::train::{PretrainConfig, PretrainJob};
@@ -34,8 +35,9 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub no_gui: bool,
 
-    /// GPU adapter: auto, cpu (software Vulkan), discrete[:N], integrated[:N], virtual[:N].
-    /// `explora info` lists them.
+    /// Where to compute: auto (a GPU when there is one, else the CPU), cpu (burn's native CPU
+    /// backend), software (software Vulkan, the WGSL path without a GPU), gpu, discrete[:N],
+    /// integrated[:N], virtual[:N]. `explora info` lists them.
     #[arg(long, global = true, env = "BURN_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
 
@@ -45,7 +47,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// List the GPU adapters wgpu sees and which one explora uses.
+    /// List the devices explora can compute on (the CPU backend and the GPU adapters wgpu
+    /// sees) and which one `--device` selects.
     Info {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -70,6 +73,10 @@ pub enum Command {
     /// pre-training on a labelled set's training images with k-NN, a linear probe and
     /// (optionally) LoRA fine-tuning; writes report.md and report.csv.
     Pipeline(Box<PipelineArgs>),
+    /// Time explora's two workloads as the PyTorch reference (`torch_explora_bench.py`) does:
+    /// `infer` (backbone forward, images/s) and `train` (one ExPLoRA DINOv2 step, images/s
+    /// and ms a step), cold first call reported apart. Prints one JSON line.
+    Bench(BenchArgs),
     /// Run the built-in default (what `explora --no-gui` runs): a short ExPLoRA pre-training of
     /// a tiny backbone on procedural satellite-like tiles, k-NN before/after, attention maps.
     Default(DefaultArgs),
@@ -201,6 +208,49 @@ pub struct DefaultArgs {
     /// Optimizer steps (default 200; 24 on software Vulkan).
     #[arg(long)]
     pub steps: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// The reference script's knobs, with its defaults.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// infer, train or both.
+    #[arg(long, value_enum, default_value = "both")]
+    pub mode: crate::recipes::bench::BenchMode,
+    /// Architecture preset (vits14, vitb14, vitl14, tiny, ...); random weights.
+    #[arg(long, default_value = "vits14")]
+    pub arch: String,
+    /// Source images per training step.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 224)]
+    pub global_size: usize,
+    #[arg(long, default_value_t = 98)]
+    pub local_size: usize,
+    /// Local crops per image.
+    #[arg(long, default_value_t = 8)]
+    pub locals: usize,
+    /// Prototypes of the DINO/iBOT head.
+    #[arg(long, default_value_t = 65_536)]
+    pub prototypes: usize,
+    /// LoRA rank on Q,V of the blocks that are not unfrozen.
+    #[arg(long, default_value_t = 64)]
+    pub rank: usize,
+    /// Blocks trained fully (comma-separated, 0-based).
+    #[arg(long, value_delimiter = ',', default_value = "11")]
+    pub unfreeze: Vec<usize>,
+    /// Images per forward pass of the infer workload.
+    #[arg(long, default_value_t = 64)]
+    pub infer_batch: usize,
+    #[arg(long, default_value_t = 224)]
+    pub infer_size: usize,
+    /// Timed calls of each workload (after the cold one and the warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed calls between the cold one and the timed ones.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -378,7 +428,13 @@ fn pipeline_cmd(choice: &DeviceChoice, args: PipelineArgs) -> anyhow::Result<()>
             .iter()
             .map(|r| format!("  {:<8} {:<13} top-1 {:5.1}%", r.variant, r.method, 100.0 * r.top1))
             .collect();
-        Ok(format!("{}\nResults in {}: report.md, report.csv, eval/*/confusion.png", lines.join("\n"), out.display()))
+        let deltas: Vec<String> = summary.deltas().iter().map(|d| format!("  {}", d.describe())).collect();
+        Ok(format!(
+            "{}\nSource → ExPLoRA:\n{}\nResults in {}: report.md, report.csv, eval/*/confusion.png",
+            lines.join("\n"),
+            deltas.join("\n"),
+            out.display()
+        ))
     });
     output::follow(handle)
 }
@@ -425,6 +481,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Plan(args)) => plan_cmd(args),
         Some(Command::Export(args)) => export_cmd(&cli.device, args),
         Some(Command::Default(args)) => default_cmd(&cli.device, args),
+        Some(Command::Bench(args)) => bench_cmd(&cli.device, args),
         Some(Command::Pretrain(args)) => pretrain_cmd(&cli.device, *args),
         Some(Command::Resume(args)) => resume_cmd(&cli.device, args),
         Some(Command::Pipeline(args)) => pipeline_cmd(&cli.device, *args),
@@ -448,10 +505,13 @@ fn info(choice: &DeviceChoice, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&adapters)?);
         return Ok(());
     }
+    println!("Devices:");
+    println!("  --device {:<13} burn's native CPU backend (burn-flex), {} threads", "cpu", device::cpu_threads());
     if adapters.is_empty() {
-        return Err(device::DeviceError::NoAdapter.into());
+        println!("  (wgpu sees no GPU adapter; `auto` computes on the CPU backend)");
+    } else {
+        println!("GPU adapters seen by wgpu:");
     }
-    println!("GPU adapters seen by wgpu:");
     for a in &adapters {
         println!(
             "  --device {:<13} {} [{} {}] driver: {}\n  {:<23} max buffer {} MiB, max storage binding {} MiB, workgroup {} invocations / {} KiB shared, f16 {}, subgroups {}",
@@ -654,6 +714,30 @@ fn write_png(image: &image::RgbImage, path: &Path) -> anyhow::Result<()> {
     image.save(path).with_context(|| format!("writing {}", path.display()))
 }
 
+fn bench_cmd(choice: &DeviceChoice, args: BenchArgs) -> anyhow::Result<()> {
+    let config = crate::recipes::bench::BenchConfig {
+        mode: args.mode,
+        arch: args.arch,
+        batch: args.batch,
+        global_size: args.global_size,
+        local_size: args.local_size,
+        locals: args.locals,
+        prototypes: args.prototypes,
+        rank: args.rank,
+        unfreeze: args.unfreeze,
+        infer_batch: args.infer_batch,
+        infer_size: args.infer_size,
+        steps: args.steps,
+        warmup: args.warmup,
+        seed: args.seed,
+    };
+    config.validate()?;
+    let device = device::open(choice)?;
+    eprintln!("device: {}", device::describe(&device));
+    let handle = engine::spawn("bench", move |ctx| Ok(crate::recipes::bench::run(&config, &device, ctx)?.to_string()));
+    output::follow(handle)
+}
+
 fn default_cmd(choice: &DeviceChoice, args: DefaultArgs) -> anyhow::Result<()> {
     let device = device::open(choice)?;
     eprintln!("device: {}", device::describe(&device));
@@ -663,7 +747,7 @@ fn default_cmd(choice: &DeviceChoice, args: DefaultArgs) -> anyhow::Result<()> {
     if let Some(steps) = args.steps {
         job.config.run.steps = steps;
     }
-    let handle = engine::spawn("default", move |ctx| engine::default_run::run(&job, &device, ctx));
+    let handle = engine::spawn("default", move |ctx| crate::recipes::default_run::run(&job, &device, ctx));
     output::follow(handle)
 }
 

@@ -851,8 +851,11 @@ impl ImageSource for ProceduralSource {
 
     fn describe(&self) -> String {
         format!(
-            "procedural domain (seed {}, {} tiles of {} px)",
-            self.domain.seed, self.count, self.domain.size
+            "procedural {} domain (seed {}, {} tiles of {} px)",
+            self.domain.shift.name(),
+            self.domain.seed,
+            self.count,
+            self.domain.size
         )
     }
 
@@ -1311,7 +1314,7 @@ mod tests {
 
     fn procedural(count: usize) -> ProceduralSource {
         ProceduralSource {
-            domain: ProceduralDomain { size: 48, seed: 3 },
+            domain: ProceduralDomain { size: 48, seed: 3, shift: Default::default() },
             count,
         }
     }
@@ -1887,7 +1890,7 @@ mod tests {
     #[test]
     fn folder_source_skips_corrupt_files() {
         let dir = tempfile::tempdir().unwrap();
-        let domain = ProceduralDomain { size: 48, seed: 1 };
+        let domain = ProceduralDomain { size: 48, seed: 1, shift: Default::default() };
         for i in 0..5 {
             domain
                 .sample(i)

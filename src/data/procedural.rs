@@ -879,6 +879,17 @@ pub fn generate_image_folder(
     size: u32,
     seed: u64,
 ) -> Result<ImageList, DataError> {
+    generate_shifted_image_folder(dir, per_class, size, seed, Shift::Source)
+}
+
+/// [`generate_image_folder`] with the tiles seen through `shift`.
+pub fn generate_shifted_image_folder(
+    dir: &Path,
+    per_class: usize,
+    size: u32,
+    seed: u64,
+    shift: Shift,
+) -> Result<ImageList, DataError> {
     for class in SceneClass::ALL {
         let sub = dir.join(class.name());
         std::fs::create_dir_all(&sub).map_err(|e| DataError::io(&sub, e))?;
@@ -889,7 +900,7 @@ pub fn generate_image_folder(
         .collect();
     jobs.into_par_iter().try_for_each(|(class, i)| {
         let tile_seed = mix64(seed ^ mix64(i as u64));
-        let img = generate_tile(class, tile_seed, size);
+        let img = shift.apply(generate_tile(class, tile_seed, size));
         let path = dir
             .join(class.name())
             .join(format!("{}_{i}.png", class.name()));
@@ -904,11 +915,77 @@ pub fn generate_image_folder(
     ImageList::scan(dir)
 }
 
+/// Which sensor and season a procedural tile is seen through. `Source` is the domain as
+/// drawn; `Target` is the shift the default run adapts to, the kind satellite users meet
+/// between sensors: another sensor's colour response (vegetation turns brown-red, water
+/// teal-grey), a hazier late-season atmosphere and half the ground resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shift {
+    #[default]
+    Source,
+    Target,
+}
+
+impl Shift {
+    pub fn name(self) -> &'static str {
+        match self {
+            Shift::Source => "source",
+            Shift::Target => "target",
+        }
+    }
+
+    /// The tile as this sensor sees it.
+    pub fn apply(self, tile: RgbImage) -> RgbImage {
+        match self {
+            Shift::Source => tile,
+            Shift::Target => target_sensor(tile),
+        }
+    }
+}
+
+/// The target sensor: 2×2 box-averaged (half the ground resolution, shown at the same pixel
+/// size), a channel-mixing colour response, and haze.
+fn target_sensor(tile: RgbImage) -> RgbImage {
+    // Rows: output R, G, B from input R, G, B.
+    const MIX: [[f32; 3]; 3] = [[0.25, 0.85, 0.05], [0.55, 0.25, 0.25], [0.15, 0.35, 0.55]];
+    const HAZE: f32 = 0.22;
+    const HAZE_COLOUR: [f32; 3] = [200.0, 196.0, 186.0];
+    let (w, h) = tile.dimensions();
+    let mut out = RgbImage::new(w, h);
+    for y in 0..h {
+        for x in 0..w {
+            let (x0, y0) = (x & !1, y & !1);
+            let mut mean = [0f32; 3];
+            let mut count = 0.0;
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                if x0 + dx < w && y0 + dy < h {
+                    let p = tile.get_pixel(x0 + dx, y0 + dy).0;
+                    for c in 0..3 {
+                        mean[c] += p[c] as f32;
+                    }
+                    count += 1.0;
+                }
+            }
+            let mean = mean.map(|v| v / count);
+            let mut pixel = [0u8; 3];
+            for c in 0..3 {
+                let mixed = MIX[c][0] * mean[0] + MIX[c][1] * mean[1] + MIX[c][2] * mean[2];
+                pixel[c] = (mixed * (1.0 - HAZE) + HAZE_COLOUR[c] * HAZE).round().clamp(0.0, 255.0) as u8;
+            }
+            out.put_pixel(x, y, image::Rgb(pixel));
+        }
+    }
+    out
+}
+
 /// An endless, deterministic stream of labelled procedural tiles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProceduralDomain {
     pub size: u32,
     pub seed: u64,
+    /// The sensor the tiles are seen through.
+    pub shift: Shift,
 }
 
 impl ProceduralDomain {
@@ -930,7 +1007,7 @@ impl ProceduralDomain {
     pub fn sample(&self, index: u64) -> (RgbImage, SceneClass) {
         let class = self.class_of(index);
         let tile_seed = mix64(self.seed.wrapping_add(mix64(index)));
-        (generate_tile(class, tile_seed, self.size), class)
+        (self.shift.apply(generate_tile(class, tile_seed, self.size)), class)
     }
 
     /// Samples `start..start + count`, generated in parallel.
@@ -1074,7 +1151,7 @@ mod tests {
 
     #[test]
     fn domain_stream_is_deterministic_and_balanced() {
-        let d = ProceduralDomain { size: 32, seed: 5 };
+        let d = ProceduralDomain { size: 32, seed: 5, shift: Shift::Source };
         let mut counts = [0usize; 5];
         for i in 0..100 {
             counts[d.class_of(i).index()] += 1;
@@ -1085,13 +1162,32 @@ mod tests {
         assert_eq!((a.clone(), ca), (b, cb));
         assert_eq!(a.dimensions(), (32, 32));
         assert_ne!(a, d.sample(18).0);
-        let other = ProceduralDomain { size: 32, seed: 6 };
+        let other = ProceduralDomain { size: 32, seed: 6, shift: Shift::Source };
         let classes: Vec<_> = (0..20).map(|i| d.class_of(i)).collect();
         let other_classes: Vec<_> = (0..20).map(|i| other.class_of(i)).collect();
         assert_ne!(classes, other_classes);
         let batch = d.batch(15, 4);
         assert_eq!(batch.len(), 4);
         assert_eq!(batch[2], d.sample(17));
+    }
+
+    #[test]
+    fn the_target_shift_changes_colour_and_resolution_but_not_the_scene() {
+        let source = ProceduralDomain { size: 32, seed: 5, shift: Shift::Source };
+        let target = ProceduralDomain { shift: Shift::Target, ..source };
+        let (a, ca) = source.sample(3);
+        let (b, cb) = target.sample(3);
+        assert_eq!(ca, cb, "the same scene, seen by another sensor");
+        assert_eq!(a.dimensions(), b.dimensions());
+        assert_eq!(b, Shift::Target.apply(a.clone()));
+        // Half the ground resolution: every 2×2 block of the target tile is one colour.
+        assert_eq!(b.get_pixel(4, 6), b.get_pixel(5, 7));
+        // Another colour response: forest is green at the source, not at the target.
+        let forest = (0..40).find(|&i| source.class_of(i) == SceneClass::Forest).unwrap();
+        let mean = |img: &RgbImage, c: usize| img.pixels().map(|p| p.0[c] as f64).sum::<f64>() / img.pixels().len() as f64;
+        let (src, tgt) = (source.sample(forest).0, target.sample(forest).0);
+        assert!(mean(&src, 1) > mean(&src, 0), "source forest is green");
+        assert!(mean(&tgt, 0) > mean(&tgt, 1), "target forest is red-brown");
     }
 
     #[test]

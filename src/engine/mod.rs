@@ -1,8 +1,6 @@
 //! The engine: jobs run on their own thread, take [`Command`]s and emit [`Event`]s. Nothing
 //! here prints; the CLI prints events, the app draws them.
 
-pub mod default_run;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};

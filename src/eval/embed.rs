@@ -128,6 +128,7 @@ pub fn extract(
     };
     ctx.phase("embedding images", Some(total));
     let chunks: Vec<Vec<usize>> = (0..list.len()).collect::<Vec<_>>().chunks(batch).map(<[usize]>::to_vec).collect();
+    let chunks_total = chunks.len();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let (tx, rx) = mpsc::sync_channel::<(Vec<usize>, Vec<f32>, Vec<usize>, SkipReport)>(2);
         let pre = *pre;
@@ -148,10 +149,22 @@ pub fn extract(
             }
             done += chunk.len() as u64;
             if !kept.is_empty() {
-                let images = images_tensor(data, kept.len(), size, &device);
-                let out = model.forward(images, ForwardOptions::default());
-                features.cls.extend(to_vec(out.cls));
-                features.patch_mean.extend(to_vec(out.patches.mean_dim(1)));
+                // A short batch (the last one, or one with skipped files) is padded with copies
+                // of its last image, so the backend sees one shape only (no new kernels to
+                // compile or tune for the tail); the padding rows are dropped.
+                let n = kept.len();
+                let rows = if n < batch && chunks_total > 1 { batch } else { n };
+                let mut data = data;
+                let image = 3 * size * size;
+                let last = data[(n - 1) * image..n * image].to_vec();
+                for _ in n..rows {
+                    data.extend_from_slice(&last);
+                }
+                let dim = features.dim;
+                let out = model.forward(images_tensor(data, rows, size, &device), ForwardOptions::default());
+                let (cls, mean) = (to_vec(out.cls), to_vec(out.patches.mean_dim(1)));
+                features.cls.extend_from_slice(&cls[..n * dim]);
+                features.patch_mean.extend_from_slice(&mean[..n * dim]);
                 for k in kept {
                     let item = &list.items[chunk[k]];
                     features.paths.push(item.path.clone());

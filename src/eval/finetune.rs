@@ -27,7 +27,7 @@ use crate::engine::{Event, Flow, JobContext};
 use crate::model::{ForwardOptions, Vit};
 use crate::objectives::params::{accumulate_grads, map_params, trainable_params};
 use crate::peft::{PlanSpec, apply_plan, merge_lora};
-use crate::train::optim::{AdamW, UpdateRule, grad_norm};
+use crate::train::optim::{AdamW, UpdateRule, clip_by_global_norm};
 
 /// Fine-tuning settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -268,7 +268,9 @@ pub fn finetune(
     let mut step = 0usize;
     ctx.phase("fine-tuning", Some(total_steps as u64));
     'epochs: for epoch in 1..=config.epochs {
-        let mut losses = Vec::new();
+        // Losses stay on the device and are read once per epoch.
+        let mut loss_sum: Option<Tensor<1>> = None;
+        let mut batches_run = 0usize;
         for (data, labels, skipped) in batches(train.to_vec(), size, config, seed, epoch) {
             for (path, reason) in skipped {
                 result.skipped_files += 1;
@@ -288,12 +290,13 @@ pub fn finetune(
             let grads_raw = loss.backward();
             let mut grads = HashMap::new();
             accumulate_grads(&model, &grads_raw, &mut grads);
-            let value = loss.into_scalar::<f32>() as f64;
-            if !value.is_finite() {
-                anyhow::bail!("the fine-tuning loss became {value} at epoch {epoch}; try a lower finetune.lr");
-            }
-            losses.push(value);
-            let norm = grad_norm(&grads);
+            let loss = loss.detach().inner();
+            loss_sum = Some(match loss_sum.take() {
+                Some(sum) => sum + loss,
+                None => loss,
+            });
+            batches_run += 1;
+            let (_, grad_scale) = clip_by_global_norm(&grads, config.clip_grad, plain);
             let s = step as f64;
             let lr = if s < warmup {
                 config.lr * (s + 1.0) / warmup
@@ -304,12 +307,11 @@ pub fn finetune(
             let rule = UpdateRule {
                 lr,
                 weight_decay: config.weight_decay,
-                grad_scale: if config.clip_grad > 0.0 && norm > config.clip_grad { config.clip_grad / (norm + 1e-6) } else { 1.0 },
                 layer_decay: config.layer_decay,
                 depth: vit.depth,
                 freeze_prototypes: false,
             };
-            model = optim.step(model, &grads, rule);
+            model = optim.step(model, &grads, &grad_scale, rule);
             step += 1;
             result.images_seen += n as u64;
             if let Some(m) = crate::device::memory_reserved(plain) {
@@ -319,7 +321,10 @@ pub fn finetune(
         }
         let (scores, labels) = predict(&model.valid(), val, size, config.batch, plain);
         let val_top1 = Metrics::from_scores(&scores, classes, &labels).top1;
-        let mean_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        let mean_loss = loss_sum.map_or(0.0, |sum| sum.into_scalar::<f32>() as f64) / batches_run.max(1) as f64;
+        if !mean_loss.is_finite() {
+            anyhow::bail!("the fine-tuning loss became {mean_loss} in epoch {epoch}; try a lower finetune.lr");
+        }
         result.history.push((epoch, mean_loss, val_top1));
         result.epochs_run = epoch;
         ctx.emit(Event::Metrics {

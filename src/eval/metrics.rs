@@ -15,6 +15,30 @@ pub struct Metrics {
     pub per_class: Vec<f64>,
     /// `confusion[true][predicted]`.
     pub confusion: Vec<Vec<u64>>,
+    /// Whether each sample's top-1 prediction was right, in the order scored (for paired
+    /// comparisons of two classifiers on the same samples).
+    #[serde(skip)]
+    pub correct: Vec<bool>,
+}
+
+/// A paired bootstrap of the difference in accuracy `mean(b) − mean(a)` over the same
+/// samples: the 2.5th and 97.5th percentiles of `resamples` resampled differences (seeded, so
+/// a report is reproducible). `None` when the two do not cover the same samples.
+pub fn paired_bootstrap(a: &[bool], b: &[bool], resamples: usize, seed: u64) -> Option<(f64, f64)> {
+    use rand::rngs::Xoshiro256PlusPlus;
+    use rand::{RngExt, SeedableRng};
+    if a.len() != b.len() || a.is_empty() || resamples == 0 {
+        return None;
+    }
+    let n = a.len();
+    let diff: Vec<i32> = a.iter().zip(b).map(|(&x, &y)| i32::from(y) - i32::from(x)).collect();
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    let mut deltas: Vec<f64> = (0..resamples)
+        .map(|_| (0..n).map(|_| diff[rng.random_range(0..n)]).sum::<i32>() as f64 / n as f64)
+        .collect();
+    deltas.sort_by(f64::total_cmp);
+    let at = |q: f64| deltas[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
+    Some((at(0.025), at(0.975)))
 }
 
 impl Metrics {
@@ -23,6 +47,7 @@ impl Metrics {
         assert_eq!(scores.len(), labels.len() * classes, "scores must be [n, classes]");
         let mut confusion = vec![vec![0u64; classes]; classes];
         let (mut top1, mut top5) = (0usize, 0usize);
+        let mut correct = Vec::with_capacity(labels.len());
         let k = classes.min(5);
         for (row, &label) in scores.chunks(classes.max(1)).zip(labels) {
             let mut order: Vec<usize> = (0..classes).collect();
@@ -31,9 +56,10 @@ impl Metrics {
             let predicted = order[0];
             confusion[label][predicted] += 1;
             top1 += usize::from(predicted == label);
+            correct.push(predicted == label);
             top5 += usize::from(order[..k].contains(&label));
         }
-        Self::from_confusion(confusion, top1, top5)
+        Self { correct, ..Self::from_confusion(confusion, top1, top5) }
     }
 
     fn from_confusion(confusion: Vec<Vec<u64>>, top1: usize, top5: usize) -> Self {
@@ -58,7 +84,7 @@ impl Metrics {
             f1s.push(2.0 * tp / (actual + predicted) as f64);
         }
         let macro_f1 = if f1s.is_empty() { 0.0 } else { f1s.iter().sum::<f64>() / f1s.len() as f64 };
-        Self { samples: samples as usize, top1: frac(top1), top5: frac(top5), macro_f1, per_class, confusion }
+        Self { samples: samples as usize, top1: frac(top1), top5: frac(top5), macro_f1, per_class, confusion, correct: Vec::new() }
     }
 }
 
@@ -98,5 +124,21 @@ mod tests {
         let m = Metrics::from_scores(&scores, classes, &[1]);
         assert_eq!(m.top5, 0.0);
         assert!(m.per_class[0].is_nan() && m.per_class[1] == 0.0);
+    }
+
+    #[test]
+    fn paired_bootstrap_brackets_the_observed_difference() {
+        // b is right on 30 more of 100 samples: the interval is around +0.3 and excludes 0.
+        let a: Vec<bool> = (0..100).map(|i| i < 50).collect();
+        let b: Vec<bool> = (0..100).map(|i| i < 80).collect();
+        let (lo, hi) = paired_bootstrap(&a, &b, 2000, 7).unwrap();
+        assert!(lo > 0.15 && lo < 0.3 && hi > 0.3 && hi < 0.45, "({lo}, {hi})");
+        // Identical classifiers: every resampled difference is 0.
+        assert_eq!(paired_bootstrap(&a, &a, 500, 7), Some((0.0, 0.0)));
+        // Different sample sets cannot be paired.
+        assert_eq!(paired_bootstrap(&a, &b[..99], 500, 7), None);
+        // from_scores records which samples were right.
+        let m = Metrics::from_scores(&[0.9, 0.1, 0.2, 0.8, 0.6, 0.4], 2, &[0, 0, 0]);
+        assert_eq!(m.correct, vec![true, false, true]);
     }
 }

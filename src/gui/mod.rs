@@ -79,7 +79,9 @@ impl App {
     /// The app over `state`; registers the heatmap shader on the window's wgpu device.
     pub fn new(cc: &eframe::CreationContext<'_>, mut state: AppState) -> Self {
         state.gpu_heatmap = heatmap::register(cc.wgpu_render_state.as_ref());
-        if let Some(rs) = &cc.wgpu_render_state {
+        if let Some(rs) = &cc.wgpu_render_state
+            && state.device.as_ref().is_some_and(|d| !device::is_native_cpu(d))
+        {
             state.device_name = format!("{} ({:?})", rs.adapter.get_info().name, rs.adapter.get_info().backend);
         }
         Self {
@@ -217,6 +219,8 @@ pub fn run(choice: &DeviceChoice) -> anyhow::Result<Outcome> {
     if let Some(why) = missing_display() {
         return Ok(Outcome::NoDisplay(why));
     }
+    // On a GPU the window renders with the device burn computes on; on the CPU backend it opens
+    // its own wgpu device (any adapter, software Vulkan included) and only draws.
     let (device, setup) = device::open_shared(choice)?;
     let mut state = AppState::builtin(choice.clone(), Some(device));
     state.adapters = device::list_adapters();
@@ -224,14 +228,17 @@ pub fn run(choice: &DeviceChoice) -> anyhow::Result<Outcome> {
     let settings = if smoke.is_some() { Settings::default() } else { Settings::load() };
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default().with_title("explora").with_inner_size([1280.0, 860.0]),
-        wgpu_options: egui_wgpu::WgpuConfiguration {
-            wgpu_setup: egui_wgpu::WgpuSetup::Existing(egui_wgpu::WgpuSetupExisting {
-                instance: setup.instance,
-                adapter: setup.adapter,
-                device: setup.device,
-                queue: setup.queue,
-            }),
-            ..Default::default()
+        wgpu_options: match setup {
+            Some(setup) => egui_wgpu::WgpuConfiguration {
+                wgpu_setup: egui_wgpu::WgpuSetup::Existing(egui_wgpu::WgpuSetupExisting {
+                    instance: setup.instance,
+                    adapter: setup.adapter,
+                    device: setup.device,
+                    queue: setup.queue,
+                }),
+                ..Default::default()
+            },
+            None => Default::default(),
         },
         ..Default::default()
     };

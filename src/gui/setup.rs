@@ -138,7 +138,10 @@ impl SetupPanel {
         ui.separator();
         ui.heading("GPU adapter");
         ui.label(format!("in use: {} (--device {})", state.device_name, state.device_choice));
-        let mut choices: Vec<(String, String)> = vec![("auto".into(), "auto (wgpu's high-performance choice)".into())];
+        let mut choices: Vec<(String, String)> = vec![
+            ("auto".into(), "auto (a GPU when there is one, else the CPU backend)".into()),
+            ("cpu".into(), "cpu — burn's native CPU backend".into()),
+        ];
         choices.extend(state.adapters.iter().map(|a| (a.selector.clone(), format!("{} — {} [{} {}]", a.selector, a.name, a.backend, a.device_type))));
         let current = state.device_choice.to_string();
         let mut chosen = current.clone();
@@ -174,7 +177,7 @@ impl SetupPanel {
             }
             if ui.button("Built-in default").clicked() {
                 let config = match &state.device {
-                    Some(d) => crate::engine::default_run::DefaultRun::for_device(PathBuf::new(), d).config,
+                    Some(d) => crate::recipes::default_run::DefaultRun::for_device(PathBuf::new(), d).config,
                     None => PretrainConfig::builtin(),
                 };
                 state.set_config(config);

@@ -110,7 +110,7 @@ impl AppState {
     /// --no-gui` would start it.
     pub fn builtin(device_choice: DeviceChoice, device: Option<Device>) -> Self {
         let config = match &device {
-            Some(d) => crate::engine::default_run::DefaultRun::for_device(PathBuf::new(), d).config,
+            Some(d) => crate::recipes::default_run::DefaultRun::for_device(PathBuf::new(), d).config,
             None => PretrainConfig::builtin(),
         };
         Self::new(config, device_choice, device)

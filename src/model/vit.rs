@@ -2,10 +2,15 @@
 //! LayerScale and SwiGLU, final LayerNorm. Field names mirror Meta's DINOv2 checkpoints
 //! (`blocks.N.attn.qkv`, `ls1.gamma`, ...), so that layout loads with renames only.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use super::config::VitConfig;
@@ -82,6 +87,15 @@ impl Attention {
         let k = adapted(qkv.clone().narrow(2, d, d), &self.lora_k, &kv_input);
         let v = adapted(qkv.narrow(2, 2 * d, d), &self.lora_v, &kv_input);
         let heads = |t: Tensor<3>, len: usize| t.reshape([b, len, h, dh]).swap_dims(1, 2); // [B, H, len, Dh]
+        if !return_probs && bias.is_none() {
+            // The backend's fused attention (flash kernels on CubeCL without autodiff, tiled
+            // kernels on the CPU backend; autodiff falls back to the explicit form below).
+            let context = attention(heads(q, n), heads(k, nk), heads(v, nk), None, None, AttentionModuleOptions::default())
+                .swap_dims(1, 2)
+                .reshape([b, n, d]);
+            let out = adapted(self.proj.forward(context.clone()), &self.lora_proj, &context);
+            return (out, None);
+        }
         let mut scores = heads(q, n).mul_scalar((dh as f64).powf(-0.5)).matmul(heads(k, nk).swap_dims(2, 3));
         if let Some(bias) = bias {
             scores = scores + bias.unsqueeze::<4>();
@@ -239,6 +253,21 @@ pub struct Vit {
     pub tasks: Vec<MemoryTask>,
     #[module(skip)]
     config: VitConfig,
+    #[module(skip)]
+    pos_cache: PosCache,
+}
+
+/// Position embeddings resampled per patch grid (and autodiff or not), reused while
+/// `pos_embed` is frozen so the bicubic resampling runs once per grid instead of every forward.
+/// A clone starts empty, so a model whose weights are replaced (loaded, mapped) never sees
+/// another model's entries.
+#[derive(Debug, Default)]
+struct PosCache(Mutex<HashMap<(usize, usize, bool), Tensor<3>>>);
+
+impl Clone for PosCache {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
 }
 
 impl VitConfig {
@@ -297,6 +326,7 @@ impl VitConfig {
             norm: norm(),
             tasks: Vec::new(),
             config: self.clone(),
+            pos_cache: PosCache::default(),
         }
     }
 }
@@ -319,6 +349,16 @@ impl Vit {
         if rows == g && cols == g {
             return pos;
         }
+        if pos.is_require_grad() {
+            return self.resample_position_embeddings(pos, rows, cols);
+        }
+        let key = (rows, cols, pos.is_autodiff());
+        let mut cache = self.pos_cache.0.lock().unwrap_or_else(|e| e.into_inner());
+        cache.entry(key).or_insert_with(|| self.resample_position_embeddings(pos, rows, cols)).clone()
+    }
+
+    fn resample_position_embeddings(&self, pos: Tensor<3>, rows: usize, cols: usize) -> Tensor<3> {
+        let g = self.config.pos_grid;
         let [_, _, d] = pos.dims();
         let device = pos.device();
         let (offset, aa) = (self.config.interpolate_offset, self.config.interpolate_antialias);

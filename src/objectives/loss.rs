@@ -138,3 +138,97 @@ impl MaskedPatches {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each loss against a case worked out by hand (natural logs; temperatures 1 unless said).
+    use super::*;
+    use burn::tensor::Device;
+
+    fn t2(rows: &[&[f32]]) -> Tensor<2> {
+        let k = rows[0].len();
+        let data: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_data(TensorData::new(data, [rows.len(), k]), &Device::flex())
+    }
+
+    fn t1(values: &[f32]) -> Tensor<1> {
+        Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), &Device::flex())
+    }
+
+    fn scalar(t: Tensor<1>) -> f64 {
+        t.into_scalar::<f32>() as f64
+    }
+
+    fn close(actual: Tensor<2>, expected: &[f32]) {
+        let got = actual.into_data().try_into_vec::<f32>().unwrap();
+        assert_eq!(got.len(), expected.len());
+        for (g, e) in got.iter().zip(expected) {
+            assert!((g - e).abs() < 1e-5, "{got:?} vs {expected:?}");
+        }
+    }
+
+    #[test]
+    fn dino_loss_skips_the_same_view_pairs() {
+        // Two global crops of one image. Student crop 0 scores (0, 0) → p = (½, ½); crop 1
+        // scores (ln 3, 0) → p = (¾, ¼). Teacher crop 0 = (1, 0), crop 1 = (½, ½).
+        // Pairs (teacher 0, student 1): −ln ¾; (teacher 1, student 0): ln 2. Mean of 2 pairs.
+        let student = t2(&[&[0.0, 0.0], &[3f32.ln(), 0.0]]);
+        let teacher = t2(&[&[1.0, 0.0], &[0.5, 0.5]]);
+        let expected = (-(0.75f64).ln() + 2f64.ln()) / 2.0;
+        let got = scalar(dino_loss(student.clone(), teacher.clone(), 2, 2, 1.0));
+        assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
+        // The student temperature divides the scores: T = 0.5 doubles them.
+        let sharper = scalar(dino_loss(student.mul_scalar(0.5), teacher, 2, 2, 0.5));
+        assert!((sharper - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ibot_loss_weights_patches_and_divides_by_images() {
+        // Patch 0: p = (½, ½), target (1, 0) → ln ½, weight 1. Patch 1: p = (¾, ¼), target
+        // (0, 1) → ln ¼, weight ½. −(ln ½ + ½ ln ¼) / 2 images = ln 2.
+        let student = t2(&[&[0.0, 0.0], &[3f32.ln(), 0.0]]);
+        let teacher = t2(&[&[1.0, 0.0], &[0.0, 1.0]]);
+        let got = scalar(ibot_loss(student, teacher, t1(&[1.0, 0.5]), 2, 1.0));
+        assert!((got - 2f64.ln()).abs() < 1e-6, "{got}");
+    }
+
+    #[test]
+    fn koleo_is_minus_the_mean_log_nearest_neighbour_distance() {
+        // (1, 0), (0, 1), (−1, 0) scaled: normalised first; every nearest neighbour is √2 away.
+        let x = t2(&[&[2.0, 0.0], &[0.0, 1.0], &[-3.0, 0.0]]);
+        let got = scalar(koleo(x));
+        assert!((got + 2f64.sqrt().ln()).abs() < 1e-5, "{got}");
+        // Closer neighbours give a larger loss (KoLeo pushes them apart).
+        let crowded = scalar(koleo(t2(&[&[1.0, 0.0], &[1.0, 0.1], &[-1.0, 0.0]])));
+        assert!(crowded > got);
+    }
+
+    #[test]
+    fn sinkhorn_knopp_balances_prototypes() {
+        // exp(scores − 1) ∝ [[1, 1], [3, 1]]. One iteration: total-normalise → columns to 1/K
+        // → rows to 1/N, ×N: [[1/3, 2/3], [3/5, 2/5]].
+        let scores = t2(&[&[0.0, 0.0], &[3f32.ln(), 0.0]]);
+        close(sinkhorn_knopp(scores.clone(), 1.0, 1, None), &[1.0 / 3.0, 2.0 / 3.0, 0.6, 0.4]);
+        // Many iterations: rows sum to 1, prototypes are used equally (columns sum to N/K).
+        let q = sinkhorn_knopp(scores.clone(), 1.0, 50, None);
+        close(q.clone().sum_dim(1), &[1.0, 1.0]);
+        close(q.sum_dim(0), &[1.0, 1.0]);
+        // A padding row (valid 0) comes back as zeros and does not count.
+        let padded = t2(&[&[0.0, 0.0], &[3f32.ln(), 0.0], &[5.0, -5.0]]);
+        let q = sinkhorn_knopp(padded, 1.0, 1, Some(t1(&[1.0, 1.0, 0.0])));
+        close(q, &[1.0 / 3.0, 2.0 / 3.0, 0.6, 0.4, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn softmax_centering_and_its_ema_center() {
+        // (scores − center) / T = (0, −2) → (1, e⁻²) / (1 + e⁻²).
+        let p = centered_softmax(t2(&[&[1.0, 0.0]]), t2(&[&[1.0, 1.0]]), 0.5);
+        let e = (-2f32).exp();
+        close(p, &[1.0 / (1.0 + e), e / (1.0 + e)]);
+        // The center moves 10 % of the way to the batch mean of the valid rows.
+        let c = update_center(t2(&[&[0.0, 10.0]]), t2(&[&[2.0, 0.0], &[4.0, 4.0]]), Some(t1(&[1.0, 0.0])), 0.9);
+        close(c, &[0.2, 9.0]);
+        let c = update_center(t2(&[&[0.0, 10.0]]), t2(&[&[2.0, 0.0], &[4.0, 4.0]]), None, 0.9);
+        close(c, &[0.3, 9.2]);
+    }
+}

@@ -49,13 +49,24 @@ pub struct DataSection {
     pub list: Option<PathBuf>,
     pub procedural_tiles: usize,
     pub procedural_size: u32,
+    /// The sensor the procedural tiles are seen through: `source` (as drawn) or `target`
+    /// (another sensor's colours, haze, half the ground resolution; what the default run
+    /// adapts to). The k-NN monitor's procedural tiles use the same.
+    pub procedural_shift: crate::data::Shift,
     /// Batches prepared ahead on worker threads.
     pub prefetch: usize,
 }
 
 impl Default for DataSection {
     fn default() -> Self {
-        Self { images: None, list: None, procedural_tiles: 2_000, procedural_size: 256, prefetch: 3 }
+        Self {
+            images: None,
+            list: None,
+            procedural_tiles: 2_000,
+            procedural_size: 256,
+            procedural_shift: crate::data::Shift::Source,
+            prefetch: 3,
+        }
     }
 }
 

@@ -7,6 +7,7 @@ pub mod optim;
 pub mod pretrain;
 pub mod schedule;
 pub mod state;
+pub mod step;
 
 pub use config::{ConfigError, PretrainConfig};
 pub use pretrain::{PretrainJob, PretrainSummary, pretrain, run};

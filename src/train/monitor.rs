@@ -54,9 +54,9 @@ pub struct KnnSet {
 }
 
 impl KnnSet {
-    /// Procedural tiles, the same number of each scene class.
-    pub fn procedural(count: usize, size: u32, seed: u64) -> Self {
-        let domain = ProceduralDomain { size, seed };
+    /// Procedural tiles seen through `shift`, the same number of each scene class.
+    pub fn procedural(count: usize, size: u32, seed: u64, shift: crate::data::Shift) -> Self {
+        let domain = ProceduralDomain { size, seed, shift };
         let pre = Preprocess::new(size);
         let (images, labels) =
             domain.batch(0, count).into_iter().map(|(img, class)| (pre.to_tensor_data(&img), class.index())).unzip();

@@ -32,8 +32,6 @@ pub struct AdamW {
 pub struct UpdateRule {
     pub lr: f64,
     pub weight_decay: f64,
-    /// Multiplies every gradient (global-norm clipping).
-    pub grad_scale: f64,
     pub layer_decay: f64,
     pub depth: usize,
     /// Leave `head.prototypes` untouched this step.
@@ -59,13 +57,21 @@ pub fn lr_multiplier(path: &str, depth: usize, decay: f64) -> f64 {
     decay.powi((depth + 1 - layer) as i32)
 }
 
-/// The global L2 norm of all gradients (one value read back from the device).
-pub fn grad_norm(grads: &HashMap<String, Tensor<1>>) -> f64 {
+/// The global L2 norm of all gradients and the factor that clips it to `clip` (1 when
+/// `clip` ≤ 0 or the norm is below it), both `[1]` tensors left on the device: nothing is read
+/// back, so a training step does not wait for the device here.
+pub fn clip_by_global_norm(grads: &HashMap<String, Tensor<1>>, clip: f64, device: &Device) -> (Tensor<1>, Tensor<1>) {
     let squares: Vec<Tensor<1>> = grads.values().map(|g| g.clone().powf_scalar(2.0).sum()).collect();
     if squares.is_empty() {
-        return 0.0;
+        return (Tensor::zeros([1], device), Tensor::ones([1], device));
     }
-    Tensor::cat(squares, 0).sum().sqrt().into_scalar::<f32>() as f64
+    let norm = Tensor::cat(squares, 0).sum().sqrt();
+    let scale = if clip > 0.0 {
+        norm.clone().add_scalar(1e-6).recip().mul_scalar(clip).clamp_max(1.0)
+    } else {
+        Tensor::ones([1], device)
+    };
+    (norm, scale)
 }
 
 impl AdamW {
@@ -73,8 +79,9 @@ impl AdamW {
         Self { betas, eps, state: HashMap::new() }
     }
 
-    /// Applies one update to every parameter of `module` that has a gradient in `grads`.
-    pub fn step<M: Module>(&mut self, module: M, grads: &HashMap<String, Tensor<1>>, rule: UpdateRule) -> M {
+    /// Applies one update to every parameter of `module` that has a gradient in `grads`, each
+    /// gradient first multiplied by `grad_scale` (`[1]`, the clip factor).
+    pub fn step<M: Module>(&mut self, module: M, grads: &HashMap<String, Tensor<1>>, grad_scale: &Tensor<1>, rule: UpdateRule) -> M {
         let [b1, b2] = self.betas;
         let eps = self.eps;
         let state = &mut self.state;
@@ -83,7 +90,7 @@ impl AdamW {
             if rule.freeze_prototypes && path == "head.prototypes" {
                 return None;
             }
-            let g = grad.clone().mul_scalar(rule.grad_scale);
+            let g = grad.clone() * grad_scale.clone();
             let moments = state.entry(path.to_string()).or_insert_with(|| Moments {
                 m: param.zeros_like(),
                 v: param.zeros_like(),
@@ -147,5 +154,22 @@ mod tests {
         assert_eq!(lr_multiplier("backbone.norm.gamma", 4, 0.9), 1.0);
         assert!((lr_multiplier("backbone.blocks.3.attn.qkv.weight", 4, 0.9) - 0.9).abs() < 1e-12);
         assert!((lr_multiplier("backbone.cls_token", 4, 0.9) - 0.9f64.powi(5)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn global_norm_clipping_stays_on_the_device() {
+        let device = Device::flex();
+        let grads = HashMap::from([
+            ("a".to_string(), Tensor::<1>::from_data(TensorData::new(vec![3.0f32, 0.0], [2]), &device)),
+            ("b".to_string(), Tensor::<1>::from_data(TensorData::new(vec![4.0f32], [1]), &device)),
+        ]);
+        let read = |t: Tensor<1>| t.into_scalar::<f32>() as f64;
+        let (norm, scale) = clip_by_global_norm(&grads, 2.5, &device);
+        assert!((read(norm) - 5.0).abs() < 1e-6);
+        assert!((read(scale) - 2.5 / (5.0 + 1e-6)).abs() < 1e-6);
+        let (_, scale) = clip_by_global_norm(&grads, 10.0, &device);
+        assert_eq!(read(scale), 1.0, "a norm below the clip is left alone");
+        let (_, scale) = clip_by_global_norm(&grads, 0.0, &device);
+        assert_eq!(read(scale), 1.0, "clip 0 turns clipping off");
     }
 }

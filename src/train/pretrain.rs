@@ -21,15 +21,15 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::PretrainConfig;
 use super::monitor::KnnSet;
-use super::optim::{AdamW, UpdateRule, grad_norm};
+use super::optim::AdamW;
+use super::step::optimizer_step;
 use super::schedule;
 use super::state::{self, TrainState};
 use crate::checkpoint::{load_backbone_with, save_adapter, save_backbone};
 use crate::data::{BatchSpec, CropBatch, CropLoader, FolderSource, ImageList, ImageSource, ProceduralSource, ProceduralDomain, contact_sheet};
 use crate::engine::{AttentionRequest, AttentionView, BatchPreview, Event, Flow, JobContext, SamplePreview};
 use crate::model::{Vit, VitConfig};
-use crate::objectives::params::accumulate_grads;
-use crate::objectives::{Centers, DinoModel, MaskedPatches, StepInputs, ema_update, step_loss};
+use crate::objectives::{Centers, DinoModel, MaskedPatches, StepInputs};
 use crate::peft::{AdaptationPlan, apply_plan, merge_lora};
 
 /// A pre-training run: where it writes and whether it continues from its last checkpoint.
@@ -65,7 +65,7 @@ pub struct PretrainSummary {
     pub skipped_files: usize,
 }
 
-fn load_base(config: &mut PretrainConfig, out: &Path, device: &Device) -> anyhow::Result<Vit> {
+fn load_base(config: &mut PretrainConfig, out: &Path, device: &Device, ctx: &mut JobContext) -> anyhow::Result<Vit> {
     let arch = match &config.model.arch {
         Some(name) => Some(VitConfig::preset(name).ok_or_else(|| {
             anyhow::anyhow!("invalid run config: `model.arch` {name} is not a preset (tiny, vits14, vitb14, vitl14, vitg14, mae-vitb16, mae-vitl16, mae-vith14, `_reg` for registers)")
@@ -74,7 +74,13 @@ fn load_base(config: &mut PretrainConfig, out: &Path, device: &Device) -> anyhow
     };
     if let Some(path) = &config.model.weights {
         let (model, report) = load_backbone_with(path, arch, device)?;
-        let _ = report;
+        ctx.info(format!("loaded {report}"));
+        if report.initialised.iter().any(|t| t == "mask_token") && config.loss.ibot_weight > 0.0 {
+            ctx.warn(format!(
+                "{} has no mask token: iBOT trains a freshly initialised one (set loss.ibot_weight = 0 to train without iBOT)",
+                path.display()
+            ));
+        }
         return Ok(model);
     }
     // Random weights (tests, demos): saved once so that a resumed run starts from the same base.
@@ -96,7 +102,11 @@ fn source_for(config: &PretrainConfig) -> anyhow::Result<Arc<dyn ImageSource>> {
     Ok(match &config.data.images {
         Some(root) => Arc::new(FolderSource { list: ImageList::scan(root)? }),
         None => Arc::new(ProceduralSource {
-            domain: ProceduralDomain { size: config.data.procedural_size, seed: config.run.seed },
+            domain: ProceduralDomain {
+                size: config.data.procedural_size,
+                seed: config.run.seed,
+                shift: config.data.procedural_shift,
+            },
             count: config.data.procedural_tiles,
         }),
     })
@@ -198,7 +208,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     let ad = device.clone().autodiff();
     device.seed(config.run.seed);
     ad.seed(config.run.seed);
-    let base = load_base(&mut config, out, &ad)?;
+    let base = load_base(&mut config, out, &ad, ctx)?;
     let vit = base.config().clone();
     let patch = vit.patch_size;
     for (field, size) in [("crops.global_size", config.crops.global_size), ("crops.local_size", config.crops.local_size)] {
@@ -270,7 +280,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         let size = config.crops.global_size;
         let set = match &config.monitor.knn_images {
             Some(root) => KnnSet::folder(root, config.monitor.knn_max_images, size, config.run.seed)?,
-            None => KnnSet::procedural(config.monitor.knn_max_images, size, config.run.seed ^ 0x4B4E_4E00),
+            None => KnnSet::procedural(config.monitor.knn_max_images, size, config.run.seed ^ 0x4B4E_4E00, config.data.procedural_shift),
         };
         Some(set)
     } else {
@@ -302,20 +312,10 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     ctx.phase("pre-training", Some(total));
     ctx.progress(start, Some(total));
     let began = Instant::now();
-    let depth = vit.depth;
     let mut last_checkpoint = previous.last().map(|(_, p)| p.clone());
     let mut images_this_session = 0u64;
     // EXPLORA_PROFILE=1: per-step timings of the phases (each ends with a device sync).
     let profile = std::env::var_os("EXPLORA_PROFILE").is_some();
-    let mut lap = Instant::now();
-    let mut timings: Vec<(&str, f64)> = Vec::new();
-    let mut mark = |name: &'static str, timings: &mut Vec<(&str, f64)>| {
-        if profile {
-            let _ = device.sync();
-            timings.push((name, lap.elapsed().as_secs_f64() * 1e3));
-            lap = Instant::now();
-        }
-    };
     // The source backbone for attention requests, loaded on the first one.
     let mut source_model: Option<Vit> = None;
     let mut last_preview: Option<Instant> = None;
@@ -333,12 +333,8 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         let step = state.step;
         let values = schedule::at(&config, step);
         let tick = Instant::now();
-        let mut grads = std::collections::HashMap::new();
-        let mut parts = [0.0f64; 4];
-        for micro in 0..accumulation {
-            mark("other", &mut timings);
+        let (next, outcome) = optimizer_step(state, &config, values, device, profile, |micro| {
             let batch = loader.next()?;
-            mark("data", &mut timings);
             // Pictures of the batch for the app, at most every two seconds.
             if micro == 0 && last_preview.is_none_or(|t| t.elapsed().as_secs_f64() >= 2.0) {
                 last_preview = Some(Instant::now());
@@ -359,56 +355,22 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
                 sheet.save(&path).with_context(|| format!("writing {}", path.display()))?;
                 ctx.artifact(format!("augmented crops and iBOT masks, step {}", step + 1), path);
             }
-            let inputs = step_inputs(&batch, patch, capacity, &ad);
-            let (loss, centers) = step_loss(&state.student, &state.teacher, &inputs, &state.centers, &config.loss, values.teacher_temp);
-            state.centers = centers;
-            mark("forward", &mut timings);
-            let scaled = loss.total.clone().div_scalar(accumulation as f64);
-            let backward = scaled.backward();
-            accumulate_grads(&state.student, &backward, &mut grads);
-            mark("backward", &mut timings);
-            let read = |t: Tensor<1>| t.into_scalar::<f32>() as f64;
-            let values_now = [read(loss.total), read(loss.dino), read(loss.ibot), read(loss.koleo)];
-            if let Some(bad) = values_now.iter().find(|v| !v.is_finite()) {
-                anyhow::bail!(
-                    "the loss became {bad} at step {} (micro-batch {micro}); nothing after the last good checkpoint ({}) was saved. \
-                     Try a lower optim.base_lr, a larger optim.batch or optim.clip_grad > 0",
-                    step + 1,
-                    last_checkpoint.as_ref().map_or("none yet".into(), |p| p.display().to_string())
-                );
-            }
-            for (acc, v) in parts.iter_mut().zip(values_now) {
-                *acc += v / accumulation as f64;
-            }
-        }
-        let norm = grad_norm(&grads);
-        if !norm.is_finite() {
+            Ok(step_inputs(&batch, patch, capacity, &ad))
+        })?;
+        state = next;
+        if let Some((what, bad)) = outcome.non_finite() {
             anyhow::bail!(
-                "the gradient norm became {norm} at step {}; the last good checkpoint is {}. Try a lower optim.base_lr",
+                "the {what} became {bad} at step {}; nothing after the last good checkpoint ({}) was saved. \
+                 Try a lower optim.base_lr, a larger optim.batch or optim.clip_grad > 0",
                 step + 1,
                 last_checkpoint.as_ref().map_or("none yet".into(), |p| p.display().to_string())
             );
         }
-        let clip = config.optim.clip_grad;
-        let grad_scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
-        let rule = UpdateRule {
-            lr: values.lr,
-            weight_decay: values.weight_decay,
-            grad_scale,
-            layer_decay: config.optim.layer_decay,
-            depth,
-            freeze_prototypes: step < config.optim.freeze_last_layer_steps,
-        };
-        mark("grad norm", &mut timings);
-        state.student = state.optim.step(state.student, &grads, rule);
-        mark("optimizer", &mut timings);
-        state.teacher = ema_update(state.teacher, &state.student, values.momentum);
-        mark("ema", &mut timings);
+        let (parts, norm) = (outcome.parts, outcome.grad_norm);
         if profile {
-            let line: Vec<String> = timings.drain(..).map(|(k, v)| format!("{k} {v:.0} ms")).collect();
+            let line: Vec<String> = outcome.timings.iter().map(|(k, v)| format!("{k} {v:.0} ms")).collect();
             ctx.info(format!("step {} timings: {}", step + 1, line.join(", ")));
         }
-        state.step += 1;
 
         let images = config.optim.effective_batch() as u64;
         summary.images_seen += images;

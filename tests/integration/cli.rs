@@ -28,10 +28,12 @@ fn info_lists_adapters_and_the_one_in_use() {
     let out = explora(&["info"]);
     assert!(out.status.success(), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains("GPU adapters seen by wgpu") && t.contains("explora uses"), "{t}");
+    assert!(t.contains("--device cpu") && t.contains("burn's native CPU backend") && t.contains("explora uses"), "{t}");
+    let out = explora(&["info", "--device", "cpu"]);
+    assert!(text(&out).contains("explora uses (--device cpu): CPU (burn-flex"), "{}", text(&out));
     let out = explora(&["info", "--device", "tpu"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("unknown device `tpu`"), "{}", text(&out));
+    assert!(text(&out).contains("unknown device `tpu`") && text(&out).contains("software"), "{}", text(&out));
 }
 
 #[test]
@@ -194,4 +196,32 @@ fn pipeline_prints_its_config_and_names_bad_inputs() {
     let out = explora(&["--no-gui", "pipeline", "--config", bad.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(text(&out).contains("unknown field `lr`"), "{}", text(&out));
+}
+
+#[test]
+fn bench_prints_one_json_line_with_the_reference_keys() {
+    let out = explora(&[
+        "--no-gui", "bench", "--arch", "tiny", "--batch", "2", "--global-size", "32", "--local-size", "16", "--locals", "2",
+        "--prototypes", "64", "--rank", "4", "--unfreeze", "3", "--infer-batch", "2", "--infer-size", "32", "--steps", "1",
+        "--warmup", "0",
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().expect("a JSON line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    for key in ["infer_img_per_s", "train_img_per_s", "train_step_ms", "infer_first_s", "train_first_step_s"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} is not a positive number: {v}");
+    }
+    assert_eq!(v["arch"], "tiny");
+    assert_eq!(v["batch"], 2);
+    assert_eq!(v["prototypes"], 64);
+    // The tiny plan: block 3 unfrozen, LoRA r4 on Q,V of blocks 0-2, norms and CLS.
+    let trainable = v["trainable_backbone_params"].as_u64().unwrap();
+    assert!(trainable > 0 && trainable < v["backbone_params"].as_u64().unwrap(), "{v}");
+    assert!(v["device"].as_str().is_some_and(|d| !d.is_empty()), "{v}");
+
+    let out = explora(&["--no-gui", "bench", "--arch", "tiny", "--global-size", "30"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--global-size 30 is not a multiple of tiny's patch size 8"), "{}", text(&out));
 }

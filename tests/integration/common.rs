@@ -8,8 +8,20 @@ use explora::device::{DeviceChoice, open};
 use explora::objectives::HeadConfig;
 use explora::train::PretrainConfig;
 
+/// The device most tests compute on: burn's native CPU backend.
 pub fn device() -> Device {
-    open(&DeviceChoice::Auto).expect("a wgpu adapter; on Linux without a GPU install mesa-vulkan-drivers")
+    open(&DeviceChoice::Cpu).expect("the CPU backend")
+}
+
+/// The WGSL path for the named set in `wgsl.rs`: a real GPU when there is one, else software
+/// Vulkan (Mesa's lavapipe; on Linux without a GPU install mesa-vulkan-drivers).
+pub fn wgpu_device() -> Device {
+    let adapters = explora::device::list_adapters();
+    let choice = match DeviceChoice::Auto.resolve(&adapters) {
+        DeviceChoice::Cpu => DeviceChoice::Software,
+        gpu => gpu,
+    };
+    open(&choice).expect("a wgpu adapter; on Linux without a GPU install mesa-vulkan-drivers")
 }
 
 pub fn fixtures() -> PathBuf {

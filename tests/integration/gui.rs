@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
-use explora::device::{DeviceChoice, open_shared};
+use explora::device::{DeviceChoice, open};
 use explora::gui::{App, AppState, Tab, step_label, total_label};
 use explora::train::PretrainConfig;
 use image::RgbaImage;
@@ -36,18 +36,12 @@ fn small_config() -> PretrainConfig {
 }
 
 fn app_harness(out: &Path) -> Harness<'static, App> {
-    let (device, setup) = open_shared(&DeviceChoice::Auto).expect("a wgpu adapter (mesa-vulkan-drivers without a GPU)");
-    let mut state = AppState::new(small_config(), DeviceChoice::Auto, Some(device));
+    // Training computes on the CPU backend; the window renders (and runs the heatmap shader)
+    // on a wgpu device of its own, as the app does on a machine without a GPU.
+    let device = open(&DeviceChoice::Cpu).expect("the CPU backend");
+    let mut state = AppState::new(small_config(), DeviceChoice::Cpu, Some(device));
     state.out = out.to_path_buf();
-    Harness::builder()
-        .with_size([1280.0, 860.0])
-        .wgpu_setup(egui_wgpu::WgpuSetup::Existing(egui_wgpu::WgpuSetupExisting {
-            instance: setup.instance,
-            adapter: setup.adapter,
-            device: setup.device,
-            queue: setup.queue,
-        }))
-        .build_eframe(move |cc| App::new(cc, state))
+    Harness::builder().with_size([1280.0, 860.0]).wgpu().build_eframe(move |cc| App::new(cc, state))
 }
 
 /// Renders the current frame to `<name>.png` and checks it is not blank.

@@ -1,5 +1,5 @@
 //! The one integration-test crate (few test binaries keep CI's build short): modules by topic.
-//! GPU tests run on whatever adapter wgpu picks; on CI that is Mesa's software Vulkan.
+//! Most tests compute on the CPU backend; `wgsl` (and the app tests' rendering) cover the wgpu path.
 
 mod checkpoints;
 mod cli;
@@ -11,3 +11,4 @@ mod parity;
 mod peft;
 mod pretrain;
 mod real_checkpoint;
+mod wgsl;

@@ -40,14 +40,14 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn tiny_student(device: &burn::tensor::Device) -> (DinoModel, AdaptationPlan) {
+pub fn tiny_student(device: &burn::tensor::Device) -> (DinoModel, AdaptationPlan) {
     let config = VitConfig::tiny();
     let plan = AdaptationPlan::preset(Preset::Explora, &config).with_unfrozen(&[3]).unwrap();
     let backbone = apply_plan(config.init(device), &plan).unwrap();
     (DinoModel::new(backbone, &HeadConfig { layers: 2, hidden: 32, bottleneck: 16, prototypes: 32 }), plan)
 }
 
-fn inputs(device: &burn::tensor::Device, b: usize) -> StepInputs {
+pub fn inputs(device: &burn::tensor::Device, b: usize) -> StepInputs {
     let globals = Tensor::<4>::random([2 * b, 3, 32, 32], burn::tensor::Distribution::Normal(0.0, 1.0), device);
     let locals = Tensor::<4>::random([2 * b, 3, 16, 16], burn::tensor::Distribution::Normal(0.0, 1.0), device);
     let n = 16;
@@ -102,8 +102,8 @@ fn gradients_reach_exactly_the_plan_and_the_head_and_the_teacher_follows_by_ema(
     assert_eq!(before.len(), trained.len());
     let frozen_before = values(teacher.backbone.blocks[0].attn.qkv.weight.val());
     let mut optim = AdamW::new([0.9, 0.999], 1e-8);
-    let rule = UpdateRule { lr: 1e-2, weight_decay: 0.04, grad_scale: 1.0, layer_decay: 0.9, depth: 4, freeze_prototypes: false };
-    let student = optim.step(student, &grads, rule);
+    let rule = UpdateRule { lr: 1e-2, weight_decay: 0.04, layer_decay: 0.9, depth: 4, freeze_prototypes: false };
+    let student = optim.step(student, &grads, &Tensor::ones([1], &device), rule);
     let m = 0.9;
     let teacher = ema_update(teacher, &student, m);
     let after_student = trainable_params(&student);

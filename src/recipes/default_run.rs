@@ -9,7 +9,7 @@ use anyhow::Context;
 use burn::tensor::Device;
 use image::RgbImage;
 
-use super::JobContext;
+use crate::engine::JobContext;
 use crate::checkpoint::load_backbone;
 use crate::data::{Preprocess, ProceduralDomain, SceneClass};
 use crate::eval::attention::{cls_attention, overlay};
@@ -67,7 +67,7 @@ pub fn run(job: &DefaultRun, device: &Device, ctx: &mut JobContext) -> anyhow::R
     let (base, _) = load_backbone(&job.out.join("base.safetensors"), device)?;
     let (adapted, _) = load_backbone(&job.out.join("backbone.safetensors"), device)?;
     let last = base.config().depth - 1;
-    let domain = ProceduralDomain { size, seed: job.config.run.seed ^ 0xA77E };
+    let domain = ProceduralDomain { size, seed: job.config.run.seed ^ 0xA77E, shift: job.config.data.procedural_shift };
     let pre = Preprocess::new(size);
     let mut index = 0u64;
     for (i, class) in SceneClass::ALL.iter().enumerate() {

@@ -1,0 +1,5 @@
+//! Recipes: whole jobs a user starts from either face, built on training and evaluation — the
+//! built-in default run and the benchmark against the PyTorch reference.
+
+pub mod bench;
+pub mod default_run;

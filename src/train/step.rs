@@ -1,0 +1,97 @@
+//! One optimizer step of ExPLoRA pre-training with the DINOv2 objective, shared by the
+//! pre-training job and `explora bench`: for each micro-batch the student/teacher losses, the
+//! backward pass and the gradient accumulation; then the global-norm clip, AdamW and the EMA
+//! teacher. Losses and the gradient norm stay on the device until the single read-back at the
+//! end of the step, so the device is never waited for in between.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use burn::tensor::{Device, Tensor};
+
+use super::config::PretrainConfig;
+use super::optim::{UpdateRule, clip_by_global_norm};
+use super::schedule::StepValues;
+use super::state::{TrainState, to_vec};
+use crate::objectives::params::accumulate_grads;
+use crate::objectives::{StepInputs, ema_update, step_loss};
+
+/// What one optimizer step read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutcome {
+    /// Mean over the micro-batches of [total, dino, ibot, koleo].
+    pub parts: [f64; 4],
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// `(phase, milliseconds)` when profiling (each phase ends with a device sync).
+    pub timings: Vec<(&'static str, f64)>,
+}
+
+impl StepOutcome {
+    /// The first value that is not finite, named ("loss" or "gradient norm").
+    pub fn non_finite(&self) -> Option<(&'static str, f64)> {
+        if let Some(bad) = self.parts.iter().find(|v| !v.is_finite()) {
+            return Some(("loss", *bad));
+        }
+        (!self.grad_norm.is_finite()).then_some(("gradient norm", self.grad_norm))
+    }
+}
+
+/// Runs optimizer step `state.step` (0-based) with the schedule `values`, pulling
+/// `config.optim.accumulation` micro-batches from `next_inputs(micro)` (already on the
+/// autodiff device). Advances `state.step`. `device` is the plain (non-autodiff) device.
+pub fn optimizer_step(
+    mut state: TrainState,
+    config: &PretrainConfig,
+    values: StepValues,
+    device: &Device,
+    profile: bool,
+    mut next_inputs: impl FnMut(u64) -> anyhow::Result<StepInputs>,
+) -> anyhow::Result<(TrainState, StepOutcome)> {
+    let accumulation = config.optim.accumulation as u64;
+    let mut timings = Vec::new();
+    let mut lap = Instant::now();
+    let mut mark = |name: &'static str, timings: &mut Vec<(&'static str, f64)>| {
+        if profile {
+            let _ = device.sync();
+            timings.push((name, lap.elapsed().as_secs_f64() * 1e3));
+            lap = Instant::now();
+        }
+    };
+    let mut grads = HashMap::new();
+    let mut parts: Option<Tensor<1>> = None;
+    for micro in 0..accumulation {
+        let inputs = next_inputs(micro)?;
+        mark("data", &mut timings);
+        let (loss, centers) = step_loss(&state.student, &state.teacher, &inputs, &state.centers, &config.loss, values.teacher_temp);
+        state.centers = centers;
+        mark("forward", &mut timings);
+        let backward = loss.total.clone().div_scalar(accumulation as f64).backward();
+        accumulate_grads(&state.student, &backward, &mut grads);
+        mark("backward", &mut timings);
+        let now = Tensor::cat(vec![loss.total.detach().inner(), loss.dino.inner(), loss.ibot.inner(), loss.koleo.inner()], 0)
+            .div_scalar(accumulation as f64);
+        parts = Some(match parts.take() {
+            Some(sum) => sum + now,
+            None => now,
+        });
+    }
+    let (norm, grad_scale) = clip_by_global_norm(&grads, config.optim.clip_grad, device);
+    let rule = UpdateRule {
+        lr: values.lr,
+        weight_decay: values.weight_decay,
+        layer_decay: config.optim.layer_decay,
+        depth: state.student.backbone.config().depth,
+        freeze_prototypes: state.step < config.optim.freeze_last_layer_steps,
+    };
+    state.student = state.optim.step(state.student, &grads, &grad_scale, rule);
+    mark("optimizer", &mut timings);
+    state.teacher = ema_update(state.teacher, &state.student, values.momentum);
+    mark("ema", &mut timings);
+    // The one read-back of the step.
+    let parts = parts.ok_or_else(|| anyhow::anyhow!("optim.accumulation must be at least 1"))?;
+    let read = to_vec(Tensor::cat(vec![parts, norm], 0));
+    state.step += 1;
+    let f = |i: usize| f64::from(read[i]);
+    Ok((state, StepOutcome { parts: [f(0), f(1), f(2), f(3)], grad_norm: f(4), timings }))
+}
