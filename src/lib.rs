@@ -2,6 +2,7 @@
 //! wgpu GPU. The CLI (`cli/`) and the desktop app are thin faces over one engine (`engine/`)
 //! that runs jobs on their own thread, takes commands and reports progress as events.
 
+pub mod builtin;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

@@ -73,7 +73,10 @@ fn to_f32(bytes: &[u8], dtype: &str, name: &str) -> Result<Vec<f32>, CheckpointE
 
 /// Reads a `.safetensors` file: all tensors plus the header metadata.
 pub fn read_safetensors(path: &Path) -> Result<(TensorMap, Metadata), CheckpointError> {
-    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
+    let bytes = match crate::builtin::bytes(path) {
+        Some(shipped) => shipped.to_vec(),
+        None => std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?,
+    };
     let corrupt = |reason: String| CheckpointError::Corrupt { path: path.to_path_buf(), reason };
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let metadata: Metadata = header
@@ -121,6 +124,9 @@ pub fn read_pytorch(path: &Path) -> Result<TensorMap, CheckpointError> {
 
 /// Reads either container, chosen by content (zip/pickle magic) rather than by extension.
 pub fn read_any(path: &Path) -> Result<(TensorMap, Metadata), CheckpointError> {
+    if crate::builtin::bytes(path).is_some() {
+        return read_safetensors(path);
+    }
     if !path.exists() {
         return Err(CheckpointError::NotFound(path.to_path_buf()));
     }

@@ -900,7 +900,7 @@ pub fn generate_shifted_image_folder(
         .collect();
     jobs.into_par_iter().try_for_each(|(class, i)| {
         let tile_seed = mix64(seed ^ mix64(i as u64));
-        let img = shift.apply(generate_tile(class, tile_seed, size));
+        let img = shift.apply(generate_tile(class, tile_seed, size), tile_seed);
         let path = dir
             .join(class.name())
             .join(format!("{}_{i}.png", class.name()));
@@ -915,10 +915,11 @@ pub fn generate_shifted_image_folder(
     ImageList::scan(dir)
 }
 
-/// Which sensor and season a procedural tile is seen through. `Source` is the domain as
-/// drawn; `Target` is the shift the default run adapts to, the kind satellite users meet
-/// between sensors: another sensor's colour response (vegetation turns brown-red, water
-/// teal-grey), a hazier late-season atmosphere and half the ground resolution.
+/// Which sensors a procedural tile is seen through. `Source` is the domain as drawn: one
+/// sensor, true colours. `Target` is the shift the default run adapts to, the kind satellite
+/// users meet when they pool imagery from many sensors and seasons: every tile comes from its
+/// own sensor with its own band order and colour response (so colour says little about the
+/// class and the scene's structure has to), seen through haze at half the ground resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Shift {
@@ -935,21 +936,27 @@ impl Shift {
         }
     }
 
-    /// The tile as this sensor sees it.
-    pub fn apply(self, tile: RgbImage) -> RgbImage {
+    /// The tile as this domain's sensor for tile `seed` sees it.
+    pub fn apply(self, tile: RgbImage, seed: u64) -> RgbImage {
         match self {
             Shift::Source => tile,
-            Shift::Target => target_sensor(tile),
+            Shift::Target => target_sensor(tile, seed),
         }
     }
 }
 
-/// The target sensor: 2×2 box-averaged (half the ground resolution, shown at the same pixel
-/// size), a channel-mixing colour response, and haze.
-fn target_sensor(tile: RgbImage) -> RgbImage {
-    // Rows: output R, G, B from input R, G, B.
-    const MIX: [[f32; 3]; 3] = [[0.25, 0.85, 0.05], [0.55, 0.25, 0.25], [0.15, 0.35, 0.55]];
-    const HAZE: f32 = 0.22;
+/// One target sensor (seeded per tile): 2×2 box-averaged (half the ground resolution, shown at
+/// the same pixel size), bands permuted and mixed towards their mean with per-band gains, and
+/// haze.
+fn target_sensor(tile: RgbImage, seed: u64) -> RgbImage {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(mix64(seed ^ 0x5E45_0A11));
+    let mut order = [0usize, 1, 2];
+    for k in (1..3).rev() {
+        order.swap(k, rng.random_range(0..=k));
+    }
+    let purity: f32 = rng.random_range(0.45..0.85);
+    let gain: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.7..1.3));
+    let haze: f32 = rng.random_range(0.1..0.3);
     const HAZE_COLOUR: [f32; 3] = [200.0, 196.0, 186.0];
     let (w, h) = tile.dimensions();
     let mut out = RgbImage::new(w, h);
@@ -967,12 +974,12 @@ fn target_sensor(tile: RgbImage) -> RgbImage {
                     count += 1.0;
                 }
             }
-            let mean = mean.map(|v| v / count);
-            let mut pixel = [0u8; 3];
-            for c in 0..3 {
-                let mixed = MIX[c][0] * mean[0] + MIX[c][1] * mean[1] + MIX[c][2] * mean[2];
-                pixel[c] = (mixed * (1.0 - HAZE) + HAZE_COLOUR[c] * HAZE).round().clamp(0.0, 255.0) as u8;
-            }
+            let band = mean.map(|v| v / count);
+            let grey = (band[0] + band[1] + band[2]) / 3.0;
+            let pixel: [u8; 3] = std::array::from_fn(|c| {
+                let v = (purity * band[order[c]] + (1.0 - purity) * grey) * gain[c];
+                (v * (1.0 - haze) + HAZE_COLOUR[c] * haze).round().clamp(0.0, 255.0) as u8
+            });
             out.put_pixel(x, y, image::Rgb(pixel));
         }
     }
@@ -1007,7 +1014,7 @@ impl ProceduralDomain {
     pub fn sample(&self, index: u64) -> (RgbImage, SceneClass) {
         let class = self.class_of(index);
         let tile_seed = mix64(self.seed.wrapping_add(mix64(index)));
-        (self.shift.apply(generate_tile(class, tile_seed, self.size)), class)
+        (self.shift.apply(generate_tile(class, tile_seed, self.size), tile_seed), class)
     }
 
     /// Samples `start..start + count`, generated in parallel.
@@ -1179,15 +1186,22 @@ mod tests {
         let (b, cb) = target.sample(3);
         assert_eq!(ca, cb, "the same scene, seen by another sensor");
         assert_eq!(a.dimensions(), b.dimensions());
-        assert_eq!(b, Shift::Target.apply(a.clone()));
+        assert_eq!(b, target.sample(3).0, "deterministic");
         // Half the ground resolution: every 2×2 block of the target tile is one colour.
         assert_eq!(b.get_pixel(4, 6), b.get_pixel(5, 7));
-        // Another colour response: forest is green at the source, not at the target.
-        let forest = (0..40).find(|&i| source.class_of(i) == SceneClass::Forest).unwrap();
-        let mean = |img: &RgbImage, c: usize| img.pixels().map(|p| p.0[c] as f64).sum::<f64>() / img.pixels().len() as f64;
-        let (src, tgt) = (source.sample(forest).0, target.sample(forest).0);
-        assert!(mean(&src, 1) > mean(&src, 0), "source forest is green");
-        assert!(mean(&tgt, 0) > mean(&tgt, 1), "target forest is red-brown");
+        // Sensors differ from tile to tile: the mean colour of forest varies far more.
+        let mean = |img: &RgbImage| -> [f64; 3] {
+            let n = img.pixels().len() as f64;
+            std::array::from_fn(|c| img.pixels().map(|p| p.0[c] as f64).sum::<f64>() / n)
+        };
+        let spread = |d: &ProceduralDomain| {
+            let forests: Vec<[f64; 3]> =
+                (0..60).filter(|&i| d.class_of(i) == SceneClass::Forest).map(|i| mean(&d.sample(i).0)).collect();
+            let green_minus_red: Vec<f64> = forests.iter().map(|m| m[1] - m[0]).collect();
+            let avg = green_minus_red.iter().sum::<f64>() / green_minus_red.len() as f64;
+            (green_minus_red.iter().map(|v| (v - avg).powi(2)).sum::<f64>() / green_minus_red.len() as f64).sqrt()
+        };
+        assert!(spread(&target) > 2.0 * spread(&source), "target {} source {}", spread(&target), spread(&source));
     }
 
     #[test]

@@ -109,11 +109,13 @@ fn bad(field: &str, reason: impl std::fmt::Display) -> anyhow::Error {
 }
 
 impl PipelineConfig {
-    /// The built-in comparison: the tiny backbone (random weights) on a procedural labelled
-    /// set, with a short pre-training — every stage in minutes on any machine.
+    /// The built-in comparison: the shipped source backbone (the tiny ViT pre-trained on the
+    /// procedural source domain) on a labelled set of the shifted target domain, with a short
+    /// ExPLoRA pre-training — every stage in minutes on any machine.
     pub fn builtin(software: bool) -> Self {
         let mut c = Self::default();
-        c.model.arch = Some("tiny".into());
+        c.model.weights = Some(PathBuf::from(crate::builtin::SOURCE_TINY));
+        c.data.procedural_shift = crate::data::Shift::Target;
         c.data.image_size = 32;
         c.data.batch = 32;
         c.pretrain = if software { PretrainConfig::builtin_software() } else { PretrainConfig::builtin() };
@@ -139,7 +141,7 @@ impl PipelineConfig {
             return Err(bad("model", "give `weights` (a checkpoint) or `arch` (a preset, random weights)"));
         }
         if let Some(w) = &self.model.weights
-            && !w.exists()
+            && !crate::builtin::exists(w)
         {
             return Err(bad("model.weights", format!("{} does not exist", w.display())));
         }

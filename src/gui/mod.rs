@@ -135,7 +135,7 @@ impl App {
             None => "no run yet".into(),
         };
         ui.horizontal(|ui| {
-            ui.label(format!("GPU: {}", s.device_name));
+            ui.label(format!("device: {}", s.device_name));
             ui.separator();
             ui.label(run);
             if let Some(total) = total_label(s) {

@@ -10,6 +10,7 @@ use egui::Ui;
 
 use super::heatmap::rgb_to_color_image;
 use super::state::AppState;
+use super::widgets::drawable;
 
 #[derive(Default)]
 pub struct ResultsPanel {
@@ -83,7 +84,7 @@ impl ResultsPanel {
         egui::ScrollArea::vertical().id_salt("results").show(ui, |ui| {
             for (name, text) in &self.texts {
                 egui::CollapsingHeader::new(name.as_str()).default_open(name.ends_with(".md")).show(ui, |ui| {
-                    ui.label(egui::RichText::new(text.as_str()).monospace());
+                    ui.label(egui::RichText::new(drawable(text)).monospace());
                 });
             }
             for (name, texture) in &self.pictures {

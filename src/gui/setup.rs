@@ -50,12 +50,14 @@ impl SetupPanel {
             self.sync(state);
         }
         ui.heading("Model");
-        let builtin = state.config.model.weights.is_none();
+        let builtin = state.config.model.weights.as_deref().is_some_and(crate::builtin::is_builtin);
         ui.horizontal(|ui| {
-            if ui.radio(builtin, "built-in tiny model (random weights)").clicked() && !builtin {
+            if ui.radio(builtin, "built-in source backbone (tiny ViT pre-trained on the procedural source domain)").clicked()
+                && !builtin
+            {
                 let mut c = state.config.clone();
-                c.model.weights = None;
-                c.model.arch = Some("tiny".into());
+                c.model.weights = Some(PathBuf::from(crate::builtin::SOURCE_TINY));
+                c.model.arch = None;
                 state.set_config(c);
                 self.sync(state);
             }

@@ -151,6 +151,17 @@ impl AppState {
         self.vit = None;
         self.model_error = None;
         match (&self.config.model.weights, &self.config.model.arch) {
+            // The shipped source backbone is known without loading it.
+            (Some(path), _) if crate::builtin::bytes(path).is_some() => match crate::builtin::config(path) {
+                Ok(vit) => {
+                    self.model_note = format!(
+                        "built-in source backbone: the {} ViT explora pre-trained on the procedural source domain",
+                        vit.name
+                    );
+                    self.set_vit(vit);
+                }
+                Err(e) => self.model_error = Some(format!("{e:#}")),
+            },
             (Some(path), arch) => {
                 self.model_note = format!("checkpoint {}: detecting the architecture…", path.display());
                 self.detect_model(path.clone(), arch.clone());
@@ -626,7 +637,9 @@ mod tests {
     fn the_builtin_run_opens_ready_on_the_tiny_model() {
         let s = tiny_state();
         assert_eq!(s.vit.as_ref().unwrap().name, "tiny");
-        assert_eq!(s.plan, AdaptationPlan::preset(Preset::Explora, &VitConfig::tiny()));
+        assert!(s.model_note.starts_with("built-in source backbone"), "{}", s.model_note);
+        let explora = AdaptationPlan::preset(Preset::Explora, &VitConfig::tiny()).with_unfrozen(&[2, 3]).unwrap();
+        assert_eq!(s.plan, explora);
         assert!(s.problems().is_empty(), "{:?}", s.problems());
     }
 

@@ -6,7 +6,7 @@ use egui::Ui;
 use egui_plot::{Legend, Line, Plot, Points};
 
 use super::state::AppState;
-use super::widgets::{duration, error_line, mib};
+use super::widgets::{drawable, duration, error_line, mib};
 use crate::engine::{Command, Level};
 
 #[derive(Default)]
@@ -95,9 +95,9 @@ impl TrainingPanel {
             ui.label(format!("run folder: {}", run.out.display()));
             match &run.finished {
                 Some(Ok(summary)) => {
-                    ui.label(summary);
+                    ui.label(drawable(summary));
                 }
-                Some(Err(e)) => error_line(ui, e),
+                Some(Err(e)) => error_line(ui, drawable(e)),
                 None => {}
             }
         } else {
@@ -119,9 +119,9 @@ impl TrainingPanel {
         egui::ScrollArea::vertical().id_salt("log").max_height(110.0).stick_to_bottom(true).show(ui, |ui| {
             for (level, line) in state.log.iter().rev().take(40).rev() {
                 match level {
-                    Level::Warn => error_line(ui, line),
+                    Level::Warn => error_line(ui, drawable(line)),
                     Level::Info => {
-                        ui.label(line);
+                        ui.label(drawable(line));
                     }
                 }
             }

@@ -58,3 +58,20 @@ mod tests {
         assert_eq!(mib(3 << 20), "3.0 MiB");
     }
 }
+
+/// `text` with the few symbols the engine writes that egui's bundled font cannot draw (arrows,
+/// comparison signs) spelled in ASCII, so no box ("tofu") appears in the window.
+pub fn drawable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '→' => out.push_str("->"),
+            '←' => out.push_str("<-"),
+            '≥' => out.push_str(">="),
+            '≤' => out.push_str("<="),
+            '‖' => out.push_str("||"),
+            other => out.push(other),
+        }
+    }
+    out
+}

@@ -104,12 +104,17 @@ fn the_default_run_pretrains_and_writes_its_results() {
     let out = explora(&["--no-gui", "default", "--steps", "3", "--out", run.to_str().unwrap()]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("default run finished: ExPLoRA pre-training of the tiny backbone, 3 steps"), "{t}");
-    assert!(t.contains("k-NN top-1") && t.contains("explora --no-gui pretrain --weights"), "{t}");
+    assert!(
+        t.contains("default run finished: ExPLoRA pre-training of the tiny source backbone on the shifted target domain, 3 steps"),
+        "{t}"
+    );
+    assert!(t.contains("Held-out target tiles") && t.contains("knn: ") && t.contains("linear-probe: "), "{t}");
+    assert!(t.contains("explora --no-gui pipeline --config assets/recipes/eurosat-cpu.toml"), "{t}");
     for file in [
         "config.toml",
         "metrics.jsonl",
-        "base.safetensors",
+        "evaluation/report.md",
+        "target-tiles/water/water_0.png",
         "backbone.safetensors",
         "adapter.safetensors",
         "report.md",

@@ -61,6 +61,8 @@ pub fn assert_close<const D: usize>(actual: Tensor<D>, expected: &RawTensor, tol
 /// The built-in run shrunk further: 32 px global and 16 px local crops on the tiny backbone.
 pub fn small_config(steps: u64) -> PretrainConfig {
     let mut c = PretrainConfig::builtin();
+    // The explora preset as the app's preset button sets it (the last block unfrozen).
+    c.plan.unfreeze = None;
     c.crops.global_size = 32;
     c.crops.local_size = 16;
     c.crops.local_crops = 2;

@@ -21,10 +21,11 @@ fn snapshots() -> PathBuf {
     dir
 }
 
-/// The tests' small pre-training run with batch 4, 3 steps, the k-NN monitor every 2 steps and
-/// a preview every step.
+/// The tests' small pre-training run with batch 4, the k-NN monitor every 2 steps and a preview
+/// every step; long enough (on the CPU backend a step takes milliseconds) that the test pauses
+/// and stops it midway.
 fn small_config() -> PretrainConfig {
-    let mut c = crate::common::small_config(3);
+    let mut c = crate::common::small_config(5_000);
     c.optim.batch = 4;
     c.optim.reference_batch = 4;
     c.optim.warmup_steps = 1;
@@ -126,7 +127,7 @@ fn the_app_edits_the_plan_trains_and_shows_batches_and_attention() {
     step_until(&mut harness, "the pause", Duration::from_secs(120), |app| app.state.run.as_ref().unwrap().paused);
     harness.get_by_label("Resume");
     let steps_taken = harness.state().state.run.as_ref().unwrap().step;
-    assert!((1..3).contains(&steps_taken), "paused at {steps_taken}");
+    assert!((1..5_000).contains(&steps_taken), "paused at {steps_taken}");
     assert!(harness.get_all_by_label_contains(&step_label(&harness.state().state)).count() >= 1);
     let training = snapshot(&mut harness, "training");
     assert!(difference(&idle, &training) > 0.01, "the plots did not fill");
@@ -158,11 +159,12 @@ fn the_app_edits_the_plan_trains_and_shows_batches_and_attention() {
     assert_eq!(stopped_at, steps_taken, "a paused run stops where it is");
     let checkpoints: Vec<_> = std::fs::read_dir(out.join("checkpoints")).unwrap().collect();
     assert!(!checkpoints.is_empty(), "stop wrote no checkpoint");
-    harness.state_mut().state.resume(&out, None).unwrap();
+    harness.state_mut().state.resume(&out, Some(steps_taken + 2)).unwrap();
     step_until(&mut harness, "the resumed run", Duration::from_secs(240), |app| !app.state.is_running());
     assert!(harness.state().state.series["loss"].len() >= 3, "the resumed run's plots start with the earlier steps");
     let finished = harness.state().state.run.as_ref().unwrap().finished.clone().unwrap();
-    assert!(finished.as_ref().is_ok_and(|s| s.contains("pre-trained 3 steps")), "{finished:?}");
+    let expected = format!("pre-trained {} steps", steps_taken + 2);
+    assert!(finished.as_ref().is_ok_and(|s| s.contains(&expected)), "{finished:?}");
     assert!(out.join("backbone.safetensors").exists() && out.join("report.md").exists());
 
     open_tab(&mut harness, Tab::Results);
@@ -200,19 +202,28 @@ fn without_a_display_the_binary_says_so_in_one_line_and_runs_headless() {
 }
 
 #[test]
-fn without_a_usable_adapter_the_app_names_what_was_tried_and_what_to_install() {
-    // A display is claimed (so the app path is taken) but the Vulkan loader finds no driver.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_explora"))
-        .env("DISPLAY", ":12345")
-        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
-        .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("no GPU adapter found (wgpu tried Vulkan, Metal and DX12)"), "{stderr}");
-    assert!(stderr.contains("mesa-vulkan-drivers"), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
+fn without_a_usable_adapter_a_gpu_request_names_what_was_tried_and_auto_computes_on_the_cpu() {
+    // The Vulkan loader finds no driver.
+    let explora = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_explora"))
+            .args(args)
+            .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+            .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+            .output()
+            .unwrap()
+    };
+    for device in ["gpu", "software"] {
+        let out = explora(&["--no-gui", "--device", device, "default", "--steps", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--device {device}");
+        assert!(stderr.contains("no GPU adapter found (wgpu tried Vulkan, Metal and DX12)"), "{stderr}");
+        assert!(stderr.contains("mesa-vulkan-drivers"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = explora(&["info"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("explora uses (--device auto): CPU (burn-flex"), "{text}");
 }
 
 #[test]

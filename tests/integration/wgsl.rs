@@ -43,7 +43,8 @@ fn wgsl_pretraining_step_loss_matches_the_cpu_backend() {
     let x = crate::pretrain::inputs(&cpu.clone().autodiff(), 4);
     let loss_on = |device: &Device| {
         let ad = device.clone().autodiff();
-        let student = student.clone().to_device(&ad);
+        // `fork` keeps which parameters train (`to_device` would not).
+        let student = student.clone().fork(&ad);
         let teacher = student.valid();
         let inputs = explora::objectives::StepInputs {
             globals: Tensor::from_data(x.globals.to_data(), &ad),
