@@ -19,17 +19,15 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
 use crate::engine::JobContext;
 use crate::model::{ForwardOptions, VitConfig};
-use crate::objectives::{Centering, Centers, DinoModel, HeadConfig, MaskedPatches, StepInputs};
+use crate::objectives::{Centering, HeadConfig, MaskedPatches, StepInputs};
 use crate::peft::{PlanSpec, apply_plan};
 use crate::train::PretrainConfig;
-use crate::train::optim::AdamW;
 use crate::train::schedule::StepValues;
 use crate::train::state::TrainState;
 use crate::train::step::optimizer_step;
@@ -195,15 +193,7 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
         let vit = VitConfig { mask_token: true, ..vit.clone() };
         res["trainable_backbone_params"] = budget.trainable.into();
         res["backbone_params"] = budget.backbone.into();
-        let student = DinoModel::new(apply_plan(vit.init(&ad), &plan)?, &pre.head);
-        let teacher = student.valid();
-        let mut state = TrainState {
-            step: 0,
-            student,
-            teacher,
-            optim: AdamW::new(pre.optim.betas, pre.optim.eps),
-            centers: Centers::zeros(pre.head.prototypes, device),
-        };
+        let mut state = TrainState::new(apply_plan(vit.init(&ad), &plan)?, &pre, device);
         let values = StepValues { lr: 1e-4, weight_decay: 0.04, momentum: 0.996, teacher_temp: 0.07 };
         let (b, g, l) = (config.batch, config.global_size, config.local_size);
         let n = (g / vit.patch_size).pow(2);

@@ -21,7 +21,6 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::PretrainConfig;
 use super::monitor::KnnSet;
-use super::optim::AdamW;
 use super::step::optimizer_step;
 use super::schedule;
 use super::state::{self, TrainState};
@@ -29,7 +28,7 @@ use crate::checkpoint::{load_backbone_with, save_adapter, save_backbone};
 use crate::data::{BatchSpec, CropBatch, CropLoader, FolderSource, ImageList, ImageSource, ProceduralSource, ProceduralDomain, contact_sheet};
 use crate::engine::{AttentionRequest, AttentionView, BatchPreview, Event, Flow, JobContext, SamplePreview};
 use crate::model::{Vit, VitConfig};
-use crate::objectives::{Centers, DinoModel, MaskedPatches, StepInputs};
+use crate::objectives::{DinoModel, MaskedPatches, StepInputs};
 use crate::peft::{AdaptationPlan, apply_plan, merge_lora};
 
 /// A pre-training run: where it writes and whether it continues from its last checkpoint.
@@ -238,15 +237,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         config.head.num_params(vit.embed_dim)
     ));
 
-    let student = DinoModel::new(apply_plan(base, &plan)?, &config.head);
-    let teacher = student.valid();
-    let mut state = TrainState {
-        step: 0,
-        student,
-        teacher,
-        optim: AdamW::new(config.optim.betas, config.optim.eps),
-        centers: Centers::zeros(config.head.prototypes, device),
-    };
+    let mut state = TrainState::new(apply_plan(base, &plan)?, &config, device);
     if job.resume {
         match previous.last() {
             Some((_, path)) => {

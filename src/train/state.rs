@@ -35,6 +35,23 @@ pub struct TrainState {
     pub centers: Centers,
 }
 
+impl TrainState {
+    /// Step 0 of a run: the student (the adapted backbone + a fresh head), its EMA teacher, empty
+    /// AdamW moments and zero centers on `device` (the plain device).
+    pub fn new(backbone: crate::model::Vit, config: &super::PretrainConfig, device: &Device) -> Self {
+        use burn::module::Module;
+        let student = DinoModel::new(backbone, &config.head);
+        let teacher = student.valid();
+        Self {
+            step: 0,
+            student,
+            teacher,
+            optim: AdamW::new(config.optim.betas, config.optim.eps),
+            centers: Centers::zeros(config.head.prototypes, device),
+        }
+    }
+}
+
 /// `checkpoints/step-0000120.safetensors`
 pub fn checkpoint_path(run: &Path, step: u64) -> PathBuf {
     run.join("checkpoints").join(format!("step-{step:07}.safetensors"))
