@@ -2,7 +2,6 @@
 //! wgpu GPU. The CLI (`cli/`) and the desktop app are thin faces over one engine (`engine/`)
 //! that runs jobs on their own thread, takes commands and reports progress as events.
 
-pub mod builtin;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
@@ -10,8 +9,10 @@ pub mod device;
 pub mod engine;
 pub mod eval;
 pub mod gui;
+pub mod inspect;
 pub mod model;
 pub mod objectives;
+pub mod optim;
 pub mod peft;
 pub mod recipes;
 pub mod train;

@@ -2,6 +2,7 @@
 //! loading with a key-level report that refuses partial loads, and saving/exporting.
 
 mod adapter;
+pub mod builtin;
 mod layout;
 mod load;
 mod raw;
@@ -14,7 +15,7 @@ pub use load::{
     EXPLORA_FORMAT, LoadReport, canonical_from_model, infer_config, load_backbone, load_backbone_with,
     save_backbone, save_backbone_hf, save_backbone_meta,
 };
-pub use raw::{Metadata, RawTensor, TensorMap, atomic_write, read_any, read_pytorch, read_safetensors, write_safetensors};
+pub use raw::{Metadata, RawTensor, TensorMap, atomic_write, fault, is_disk_full, read_any, read_pytorch, read_safetensors, write_safetensors};
 
 /// Why a checkpoint could not be used. Every variant names the file or keys at fault.
 #[derive(Debug, thiserror::Error)]

@@ -73,7 +73,7 @@ fn to_f32(bytes: &[u8], dtype: &str, name: &str) -> Result<Vec<f32>, CheckpointE
 
 /// Reads a `.safetensors` file: all tensors plus the header metadata.
 pub fn read_safetensors(path: &Path) -> Result<(TensorMap, Metadata), CheckpointError> {
-    let bytes = match crate::builtin::bytes(path) {
+    let bytes = match crate::checkpoint::builtin::bytes(path) {
         Some(shipped) => shipped.to_vec(),
         None => std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?,
     };
@@ -124,7 +124,7 @@ pub fn read_pytorch(path: &Path) -> Result<TensorMap, CheckpointError> {
 
 /// Reads either container, chosen by content (zip/pickle magic) rather than by extension.
 pub fn read_any(path: &Path) -> Result<(TensorMap, Metadata), CheckpointError> {
-    if crate::builtin::bytes(path).is_some() {
+    if crate::checkpoint::builtin::bytes(path).is_some() {
         return read_safetensors(path);
     }
     if !path.exists() {
@@ -174,24 +174,65 @@ pub fn write_safetensors(path: &Path, tensors: &TensorMap, metadata: &Metadata) 
     atomic_write(path, &bytes)
 }
 
-/// Writes `bytes` to `path` via a temporary sibling and a rename.
+/// Writes `bytes` to `path` all or nothing: a uniquely named temporary file in the same folder
+/// (`tempfile`), synced, then renamed over `path`, and the folder synced so the rename survives
+/// a power cut. On any failure (a full disk included) the temporary file is removed and `path`
+/// keeps its previous contents.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    use std::io::Write;
     let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(io)?;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io)?;
+    let mut file = tempfile::Builder::new().prefix(".explora-").suffix(".tmp").tempfile_in(parent).map_err(io)?;
+    fault::check(path).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.as_file().sync_all().map_err(io)?;
+    file.persist(path).map_err(|e| io(e.error))?;
+    sync_dir(parent);
+    Ok(())
+}
+
+/// Makes a rename in `dir` durable (a no-op where folders cannot be opened, as on Windows).
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
     }
-    let tmp = path.with_extension(format!(
-        "{}.tmp{}",
-        path.extension().and_then(|e| e.to_str()).unwrap_or(""),
-        std::process::id()
-    ));
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        file.write_all(bytes).map_err(io)?;
-        file.sync_all().map_err(io)?;
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
+/// Whether an error from writing a file means the disk (or the quota) is full.
+pub fn is_disk_full(error: &CheckpointError) -> bool {
+    matches!(error, CheckpointError::Io { source, .. }
+        if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::FileTooLarge))
+}
+
+/// Fault injection for tests: makes [`atomic_write`] fail as a full disk does for paths under a
+/// chosen folder (each test uses its own temporary folder, so tests in parallel are unaffected).
+#[doc(hidden)]
+pub mod fault {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static FULL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// From now on, writes under `dir` fail with "no space left on device".
+    pub fn disk_full_under(dir: &Path) {
+        FULL.lock().unwrap().push(dir.to_path_buf());
     }
-    std::fs::rename(&tmp, path).map_err(io)
+
+    /// Writes under `dir` succeed again.
+    pub fn clear(dir: &Path) {
+        FULL.lock().unwrap().retain(|d| d != dir);
+    }
+
+    pub(super) fn check(path: &Path) -> std::io::Result<()> {
+        if FULL.lock().unwrap().iter().any(|d| path.starts_with(d)) {
+            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +263,29 @@ mod tests {
         assert_eq!(back, map);
         assert_eq!(back_meta, meta);
         // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_full_disk_keeps_the_previous_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        atomic_write(&path, b"good").unwrap();
+        fault::disk_full_under(dir.path());
+        let err = atomic_write(&path, b"newer").unwrap_err();
+        fault::clear(dir.path());
+        assert!(is_disk_full(&err), "{err}");
+        assert!(err.to_string().contains("state.json"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"good");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary file was left behind");
+        // Writers on many threads never collide on a temporary name.
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let path = &path;
+                s.spawn(move || atomic_write(path, format!("writer {i}").as_bytes()).unwrap());
+            }
+        });
+        assert!(String::from_utf8(std::fs::read(&path).unwrap()).unwrap().starts_with("writer "));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 

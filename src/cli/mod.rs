@@ -14,7 +14,8 @@ use crate::data::{ImageList, Preprocess, decode_rgb};
 use crate::device::{self, DeviceChoice};
 use crate::engine;
 use crate::recipes::default_run::DefaultRun;
-use crate::eval::{attention, embed, images_tensor};
+use crate::eval::embed;
+use crate::inspect::{attention, images_tensor};
 use crate::model::VitConfig;
 use crate::train::{PretrainConfig, PretrainJob};
 
@@ -373,10 +374,10 @@ pub struct PipelineArgs {
 }
 
 /// The pipeline config from `--config` (or the built-in one) with the flags applied.
-pub fn pipeline_config(args: &PipelineArgs, software: bool) -> anyhow::Result<crate::eval::PipelineConfig> {
+pub fn pipeline_config(args: &PipelineArgs, software: bool) -> anyhow::Result<crate::recipes::pipeline::PipelineConfig> {
     let mut c = match &args.config {
-        Some(path) => crate::eval::PipelineConfig::load(path)?,
-        None => crate::eval::PipelineConfig::builtin(software),
+        Some(path) => crate::recipes::pipeline::PipelineConfig::load(path)?,
+        None => crate::recipes::pipeline::PipelineConfig::builtin(software),
     };
     if args.weights.is_some() {
         c.model.weights = args.weights.clone();
@@ -417,9 +418,9 @@ fn pipeline_cmd(choice: &DeviceChoice, args: PipelineArgs) -> anyhow::Result<()>
     eprintln!("device: {}", device::describe(&device));
     let config = pipeline_config(&args, device::is_software(&device))?;
     config.validate()?;
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("pipeline-{}", utc_stamp())));
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("pipeline-{}", crate::engine::utc_stamp())));
     let handle = engine::spawn("pipeline", move |ctx| {
-        let summary = crate::eval::run_pipeline(&config, &out, &device, ctx)?;
+        let summary = crate::recipes::pipeline::run_pipeline(&config, &out, &device, ctx)?;
         if summary.stopped {
             return Ok(format!("stopped; run the same command with --out {} to continue", out.display()));
         }
@@ -439,18 +440,27 @@ fn pipeline_cmd(choice: &DeviceChoice, args: PipelineArgs) -> anyhow::Result<()>
     output::follow(handle)
 }
 
-/// Entry point of the binary.
-pub fn main() -> ExitCode {
+/// What the process does before either face starts: keep Mesa's Wayland probe quiet where
+/// there is no desktop session, and log through `EXPLORA_LOG`. Call first thing in `main`.
+pub fn prepare_process() {
     quiet_headless_wayland_probe();
-    let cli = Cli::parse();
     init_tracing();
-    match run(cli) {
+}
+
+/// The exit status (and the one-line error) of a command.
+pub fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether these arguments open the app: no subcommand and no `--no-gui`.
+pub fn wants_app(cli: &Cli) -> bool {
+    cli.command.is_none() && !cli.no_gui
 }
 
 /// On a Linux machine without a desktop session (CI, servers), Mesa's Vulkan driver probes for a
@@ -485,17 +495,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Pretrain(args)) => pretrain_cmd(&cli.device, *args),
         Some(Command::Resume(args)) => resume_cmd(&cli.device, args),
         Some(Command::Pipeline(args)) => pipeline_cmd(&cli.device, *args),
-        None => {
-            if !cli.no_gui {
-                match crate::gui::run(&cli.device)? {
-                    crate::gui::Outcome::Closed => return Ok(()),
-                    crate::gui::Outcome::NoDisplay(why) => {
-                        eprintln!("explora: {why}; running the built-in default headless, as `explora --no-gui` does");
-                    }
-                }
-            }
-            default_cmd(&cli.device, DefaultArgs::default())
-        }
+        None => default_cmd(&cli.device, DefaultArgs::default()),
     }
 }
 
@@ -741,7 +741,7 @@ fn bench_cmd(choice: &DeviceChoice, args: BenchArgs) -> anyhow::Result<()> {
 fn default_cmd(choice: &DeviceChoice, args: DefaultArgs) -> anyhow::Result<()> {
     let device = device::open(choice)?;
     eprintln!("device: {}", device::describe(&device));
-    let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("default-{}", utc_stamp())));
+    let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("default-{}", crate::engine::utc_stamp())));
     let mut job = DefaultRun::for_device(out, &device);
     job.config.run.seed = args.seed;
     if let Some(steps) = args.steps {
@@ -817,7 +817,7 @@ fn pretrain_cmd(choice: &DeviceChoice, args: PretrainArgs) -> anyhow::Result<()>
     config.validate()?;
     let device = device::open(choice)?;
     eprintln!("device: {}", device::describe(&device));
-    let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("pretrain-{}", utc_stamp())));
+    let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("pretrain-{}", crate::engine::utc_stamp())));
     let job = PretrainJob { config, out, resume: false };
     let handle = engine::spawn("pretrain", move |ctx| crate::train::run(&job, &device, ctx));
     output::follow(handle)
@@ -832,25 +832,4 @@ fn resume_cmd(choice: &DeviceChoice, args: ResumeArgs) -> anyhow::Result<()> {
     eprintln!("device: {}", device::describe(&device));
     let handle = engine::spawn("pretrain", move |ctx| crate::train::run(&job, &device, ctx));
     output::follow(handle)
-}
-
-
-/// `YYYYmmdd-HHMMSS` in UTC, for run folder names.
-pub(crate) fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }

@@ -7,6 +7,20 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+/// `YYYYmmdd-HHMMSS` in UTC, for run folder names.
+pub fn utc_stamp() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}{:02}{:02}-{:02}{:02}{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
 /// What a running job reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -69,10 +83,22 @@ pub struct AttentionView {
     pub id: u64,
     /// The image as the model saw it.
     pub image: image::RgbImage,
-    pub source: crate::eval::attention::AttentionMap,
-    pub student: crate::eval::attention::AttentionMap,
+    pub source: AttentionMap,
+    pub student: AttentionMap,
     /// Optimizer step of the student.
     pub step: u64,
+}
+
+/// CLS attention over the patch grid of one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionMap {
+    pub layer: usize,
+    /// `None`: mean over heads.
+    pub head: Option<usize>,
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows × cols`, row-major; the attention probabilities (they sum to at most 1).
+    pub values: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

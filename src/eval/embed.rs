@@ -5,7 +5,8 @@ use std::sync::mpsc;
 
 use anyhow::Context;
 
-use super::{images_tensor, to_vec};
+use crate::inspect::images_tensor;
+use crate::model::to_vec;
 use crate::checkpoint::{Metadata, RawTensor, TensorMap, read_safetensors, write_safetensors};
 use crate::data::{ImageList, Preprocess, SkipReport, load_batch};
 use crate::engine::{Flow, JobContext};

@@ -20,14 +20,15 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::Metrics;
-use super::{images_tensor, to_vec};
+use crate::inspect::images_tensor;
+use crate::model::to_vec;
 use crate::checkpoint::{Metadata, RawTensor, TensorMap, load_backbone, save_backbone, write_safetensors};
 use crate::data::{Preprocess, SkipReport, decode_rgb, load_batch, normalize_chw, train_view};
 use crate::engine::{Event, Flow, JobContext};
 use crate::model::{ForwardOptions, Vit};
-use crate::objectives::params::{accumulate_grads, map_params, trainable_params};
+use crate::model::params::{accumulate_grads, map_params, trainable_params};
 use crate::peft::{PlanSpec, apply_plan, merge_lora};
-use crate::train::optim::{AdamW, UpdateRule, clip_by_global_norm};
+use crate::optim::{AdamW, UpdateRule, clip_by_global_norm};
 
 /// Fine-tuning settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -297,13 +298,7 @@ pub fn finetune(
             });
             batches_run += 1;
             let (_, grad_scale) = clip_by_global_norm(&grads, config.clip_grad, plain);
-            let s = step as f64;
-            let lr = if s < warmup {
-                config.lr * (s + 1.0) / warmup
-            } else {
-                let t = (s - warmup) / (total_steps - warmup).max(1.0);
-                config.lr * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
-            };
+            let lr = crate::optim::schedule::warmup_cosine(config.lr, 0.0, warmup as u64, step as u64, total_steps as u64);
             let rule = UpdateRule {
                 lr,
                 weight_decay: config.weight_decay,

@@ -185,7 +185,7 @@ fn sgd(base: &LinearProbe, x: &[Vec<f32>], labels: &[usize], config: &ProbeConfi
                 }
             }
             let scale = 1.0 / batch.len() as f32;
-            let step = (lr * 0.5 * (1.0 + (std::f64::consts::PI * iteration as f64 / total).cos())) as f32;
+            let step = crate::optim::schedule::cosine(lr, 0.0, iteration as u64, total as u64) as f32;
             let (mu, wd) = (config.momentum as f32, wd as f32);
             for ((w, v), g) in probe.weight.iter_mut().zip(&mut velocity_w).zip(&grad_w) {
                 *v = mu * *v + g * scale + wd * *w;

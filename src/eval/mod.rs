@@ -3,23 +3,25 @@
 //! fine-tuning, classification metrics and figures, and the before/after comparison
 //! (`explora pipeline`).
 
-pub mod attention;
 pub mod embed;
 pub mod figure;
 pub mod finetune;
-pub mod knn;
 pub mod linear;
 pub mod metrics;
-pub mod pipeline;
-
-use burn::tensor::{Device, Tensor, TensorData};
 
 pub use metrics::Metrics;
-pub use pipeline::{PipelineConfig, PipelineSummary, run_pipeline};
 
-/// Uploads `n` preprocessed CHW images (concatenated) as a `[n, 3, size, size]` tensor.
-pub fn images_tensor(data: Vec<f32>, n: usize, size: usize, device: &Device) -> Tensor<4> {
-    Tensor::from_data(TensorData::new(data, [n, 3, size, size]), device)
+/// k-NN metrics (top-1, top-5, per class) of `query` against `train`, with the vote of
+/// [`crate::inspect::knn`].
+pub fn knn_classify(
+    train: &[f32],
+    train_labels: &[usize],
+    query: &[f32],
+    query_labels: &[usize],
+    dim: usize,
+    classes: usize,
+    config: crate::inspect::KnnConfig,
+) -> Metrics {
+    let scores = crate::inspect::knn_scores(train, train_labels, query, dim, classes, config);
+    Metrics::from_scores(&scores, classes, query_labels)
 }
-
-pub use crate::train::state::to_vec;

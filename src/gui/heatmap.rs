@@ -10,7 +10,7 @@ use std::sync::Arc;
 use egui_wgpu::wgpu;
 use image::RgbImage;
 
-use crate::eval::attention::AttentionMap;
+use crate::inspect::attention::AttentionMap;
 
 /// What one heatmap shows. `version` changes whenever the image or the map does.
 #[derive(Debug, Clone)]
@@ -268,7 +268,7 @@ pub fn show(
     let alpha_key = (alpha * 1000.0) as u32;
     let fresh = cpu_cache.get(&slot).is_some_and(|(v, a, _)| *v == data.version && *a == alpha_key);
     if !fresh {
-        let picture = crate::eval::attention::overlay(&data.image, &data.map, alpha);
+        let picture = crate::inspect::attention::overlay(&data.image, &data.map, alpha);
         let texture = ui.ctx().load_texture(format!("heatmap-{slot}"), rgb_to_color_image(&picture), egui::TextureOptions::LINEAR);
         cpu_cache.insert(slot, (data.version, alpha_key, texture));
     }
@@ -293,7 +293,7 @@ mod tests {
             assert!(module.entry_points.iter().any(|e| e.name == entry), "{entry}");
         }
         // The colour stops are the ones `explora attention` uses for its PNGs.
-        for stop in crate::eval::attention::HEATMAP_STOPS {
+        for stop in crate::inspect::attention::HEATMAP_STOPS {
             let text = format!("vec3<f32>({:.3}, {:.3}, {:.3})", stop[0], stop[1], stop[2]);
             assert!(SHADER.contains(&text), "missing {text}");
         }

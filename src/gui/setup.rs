@@ -50,13 +50,13 @@ impl SetupPanel {
             self.sync(state);
         }
         ui.heading("Model");
-        let builtin = state.config.model.weights.as_deref().is_some_and(crate::builtin::is_builtin);
+        let builtin = state.config.model.weights.as_deref().is_some_and(crate::checkpoint::builtin::is_builtin);
         ui.horizontal(|ui| {
             if ui.radio(builtin, "built-in source backbone (tiny ViT pre-trained on the procedural source domain)").clicked()
                 && !builtin
             {
                 let mut c = state.config.clone();
-                c.model.weights = Some(PathBuf::from(crate::builtin::SOURCE_TINY));
+                c.model.weights = Some(PathBuf::from(crate::checkpoint::builtin::SOURCE_TINY));
                 c.model.arch = None;
                 state.set_config(c);
                 self.sync(state);

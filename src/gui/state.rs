@@ -102,7 +102,7 @@ pub struct AppState {
 /// paths written into its `config.toml` still hold when it is resumed from elsewhere).
 pub fn default_out() -> PathBuf {
     let runs = std::env::current_dir().unwrap_or_default().join("runs");
-    runs.join(format!("app-{}", crate::cli::utc_stamp()))
+    runs.join(format!("app-{}", crate::engine::utc_stamp()))
 }
 
 impl AppState {
@@ -152,7 +152,7 @@ impl AppState {
         self.model_error = None;
         match (&self.config.model.weights, &self.config.model.arch) {
             // The shipped source backbone is known without loading it.
-            (Some(path), _) if crate::builtin::bytes(path).is_some() => match crate::builtin::config(path) {
+            (Some(path), _) if crate::checkpoint::builtin::bytes(path).is_some() => match crate::checkpoint::builtin::config(path) {
                 Ok(vit) => {
                     self.model_note = format!(
                         "built-in source backbone: the {} ViT explora pre-trained on the procedural source domain",
@@ -357,7 +357,7 @@ impl AppState {
             let text = crate::train::run(&job, &device, ctx)?;
             match labelled {
                 Some(labelled) if job.out.join("summary.json").exists() => {
-                    let summary = crate::eval::pipeline::evaluate_run(&job.out, &labelled, &device, ctx)?;
+                    let summary = crate::recipes::pipeline::evaluate_run(&job.out, &labelled, &device, ctx)?;
                     Ok(format!("{text}\n{}; report in {}", summary.headline(), job.out.join("evaluation/report.md").display()))
                 }
                 _ => Ok(text),
@@ -600,7 +600,7 @@ pub fn read_metrics(path: &Path) -> BTreeMap<String, Vec<[f64; 2]>> {
 /// The attention of `request` in a finished run: its source weights (from its `config.toml`)
 /// and its adapted `backbone.safetensors`.
 fn attention_of_finished_run(out: &Path, request: &AttentionRequest, device: &Device) -> anyhow::Result<AttentionView> {
-    use crate::eval::attention::cls_attention;
+    use crate::inspect::attention::cls_attention;
     let config = PretrainConfig::load(&out.join("config.toml"))?;
     let source_path = config.model.weights.clone().unwrap_or_else(|| out.join("base.safetensors"));
     let arch = config.model.arch.as_deref().and_then(VitConfig::preset);
@@ -608,7 +608,7 @@ fn attention_of_finished_run(out: &Path, request: &AttentionRequest, device: &De
     let (student, _) = crate::checkpoint::load_backbone(&out.join("backbone.safetensors"), device)?;
     let size = config.crops.global_size;
     let pre = crate::data::Preprocess::new(size);
-    let x = || crate::eval::images_tensor(pre.to_tensor_data(&request.image), 1, size as usize, device);
+    let x = || crate::inspect::images_tensor(pre.to_tensor_data(&request.image), 1, size as usize, device);
     Ok(AttentionView {
         id: request.id,
         image: pre.apply(&request.image),
@@ -621,7 +621,7 @@ fn attention_of_finished_run(out: &Path, request: &AttentionRequest, device: &De
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::attention::AttentionMap;
+    use crate::inspect::attention::AttentionMap;
     use crate::peft::LoraTargets;
 
     fn tiny_state() -> AppState {

@@ -6,6 +6,7 @@ mod config;
 mod convpass;
 mod lora;
 mod memory;
+pub mod params;
 mod pos_embed;
 mod vit;
 
@@ -15,3 +16,4 @@ pub use lora::Lora;
 pub use memory::{MemoryTask, memory_mask};
 pub use pos_embed::bicubic_weights;
 pub use vit::{Block, ForwardOptions, LayerMemory, TokenLayout, Vit, VitOutput};
+pub use params::to_vec;

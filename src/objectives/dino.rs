@@ -6,7 +6,7 @@ use burn::tensor::{Bool, Device, Tensor};
 
 use super::head::{DinoHead, HeadConfig};
 use super::loss::{Centering, MaskedPatches, centered_softmax, dino_loss, ibot_loss, koleo, sinkhorn_knopp, update_center};
-use super::params::{map_params, trainable_params};
+use crate::model::params::{map_params, trainable_params};
 use crate::model::{ForwardOptions, Vit};
 
 /// Backbone + head; the student trains, the teacher (`valid()` copy) follows by EMA.

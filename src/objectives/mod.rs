@@ -4,7 +4,6 @@
 mod dino;
 mod head;
 mod loss;
-pub mod params;
 
 pub use dino::{Centers, DinoModel, LossConfig, StepInputs, StepLoss, ema_update, step_loss};
 pub use head::{DinoHead, HeadConfig};

@@ -28,7 +28,7 @@ use crate::model::{ForwardOptions, VitConfig};
 use crate::objectives::{Centering, HeadConfig, MaskedPatches, StepInputs};
 use crate::peft::{PlanSpec, apply_plan};
 use crate::train::PretrainConfig;
-use crate::train::schedule::StepValues;
+use crate::train::step::StepValues;
 use crate::train::state::TrainState;
 use crate::train::step::optimizer_step;
 

@@ -15,8 +15,8 @@ use image::RgbImage;
 use crate::engine::JobContext;
 use crate::checkpoint::load_backbone;
 use crate::data::{Preprocess, ProceduralDomain, SceneClass, generate_shifted_image_folder};
-use crate::eval::attention::{cls_attention, overlay};
-use crate::eval::images_tensor;
+use crate::inspect::attention::{cls_attention, overlay};
+use crate::inspect::images_tensor;
 use crate::train::{PretrainConfig, PretrainJob, pretrain};
 
 /// Knobs of the default run (the CLI exposes them).
@@ -79,7 +79,7 @@ pub fn run(job: &DefaultRun, device: &Device, ctx: &mut JobContext) -> anyhow::R
         )?;
         std::fs::write(tiles.join(".complete"), "")?;
     }
-    let evaluation = crate::eval::pipeline::evaluate_run(&job.out, &tiles, device, ctx)?;
+    let evaluation = crate::recipes::pipeline::evaluate_run(&job.out, &tiles, device, ctx)?;
 
     ctx.phase("attention maps before/after", Some(SceneClass::ALL.len() as u64));
     let size = job.config.crops.global_size;

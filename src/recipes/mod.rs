@@ -3,3 +3,4 @@
 
 pub mod bench;
 pub mod default_run;
+pub mod pipeline;

@@ -194,7 +194,7 @@ impl PretrainConfig {
     /// small head of a tiny backbone to uniform outputs within a few dozen steps.
     pub fn builtin() -> Self {
         let mut c = Self::default();
-        c.model.weights = Some(PathBuf::from(crate::builtin::SOURCE_TINY));
+        c.model.weights = Some(PathBuf::from(crate::checkpoint::builtin::SOURCE_TINY));
         c.data.procedural_shift = crate::data::Shift::Target;
         // The tiny backbone has 4 blocks: the last two train fully (the paper unfreezes one or
         // two), LoRA sits on Q,V of the first two.
@@ -260,7 +260,7 @@ impl PretrainConfig {
         self.crops.validate().map_err(into)?;
         self.masks.validate().map_err(into)?;
         if let Some(path) = &self.model.weights
-            && !crate::builtin::exists(path)
+            && !crate::checkpoint::builtin::exists(path)
         {
             return Err(bad("model.weights", format!("{} does not exist", path.display())));
         }

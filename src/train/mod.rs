@@ -1,11 +1,9 @@
-//! Training: the run config, schedules, AdamW, checkpoints with exact resume, the k-NN monitor,
+//! Training: the run config, checkpoints with exact resume, the k-NN monitor,
 //! and the ExPLoRA pre-training job that the CLI and the app start through the engine.
 
 pub mod config;
 pub mod monitor;
-pub mod optim;
 pub mod pretrain;
-pub mod schedule;
 pub mod state;
 pub mod step;
 

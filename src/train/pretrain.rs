@@ -21,8 +21,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::PretrainConfig;
 use super::monitor::KnnSet;
-use super::step::optimizer_step;
-use super::schedule;
+use super::step::{StepValues, optimizer_step};
 use super::state::{self, TrainState};
 use crate::checkpoint::{load_backbone_with, save_adapter, save_backbone};
 use crate::data::{BatchSpec, CropBatch, CropLoader, FolderSource, ImageList, ImageSource, ProceduralSource, ProceduralDomain, contact_sheet};
@@ -239,12 +238,15 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
 
     let mut state = TrainState::new(apply_plan(base, &plan)?, &config, device);
     if job.resume {
-        match previous.last() {
-            Some((_, path)) => {
-                state = state::load(path, state, device)?;
+        let (found, skipped) = state::newest_readable(out);
+        skipped.into_iter().for_each(|w| ctx.warn(w));
+        match found {
+            Some(found) => {
+                let path = found.path.clone();
+                state = state::restore(found, state, device)?;
                 ctx.info(format!("resuming from {} (step {})", path.display(), state.step));
             }
-            None => ctx.warn(format!("{} has no checkpoint yet: starting from the beginning", out.display())),
+            None => ctx.warn(format!("{} has no readable checkpoint: starting from the beginning", out.display())),
         }
     }
     let start = state.step;
@@ -322,7 +324,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
             break;
         }
         let step = state.step;
-        let values = schedule::at(&config, step);
+        let values = StepValues::at(&config, step);
         let tick = Instant::now();
         let (next, outcome) = optimizer_step(state, &config, values, device, profile, |micro| {
             let batch = loader.next()?;
@@ -469,9 +471,9 @@ fn answer_attention(
     let size = config.crops.global_size;
     let pre = crate::data::Preprocess::new(size);
     let shown = pre.apply(&request.image);
-    let x = || crate::eval::images_tensor(pre.to_tensor_data(&request.image), 1, size as usize, device);
-    let source_map = crate::eval::attention::cls_attention(source, x(), request.layer, request.head)?;
-    let student_map = crate::eval::attention::cls_attention(&student, x(), request.layer, request.head)?;
+    let x = || crate::inspect::images_tensor(pre.to_tensor_data(&request.image), 1, size as usize, device);
+    let source_map = crate::inspect::attention::cls_attention(source, x(), request.layer, request.head)?;
+    let student_map = crate::inspect::attention::cls_attention(&student, x(), request.layer, request.head)?;
     Ok(AttentionView { id: request.id, image: shown, source: source_map, student: student_map, step })
 }
 

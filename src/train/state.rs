@@ -8,17 +8,14 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::optim::AdamW;
-use crate::checkpoint::{Metadata, RawTensor, TensorMap, read_safetensors, write_safetensors};
-use crate::objectives::params::{for_each_param, map_params};
+use crate::model::to_vec;
+use crate::optim::AdamW;
+use crate::checkpoint::{Metadata, RawTensor, TensorMap, is_disk_full, read_safetensors, write_safetensors};
+use crate::model::params::{for_each_param, map_params};
 use crate::objectives::{Centers, DinoModel};
 
 pub const FORMAT: &str = "explora-pretrain-v1";
 
-/// Reads a float tensor back to the host as `f32`.
-pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data")
-}
 
 fn raw(t: Tensor<1>) -> RawTensor {
     let data = to_vec(t);
@@ -97,7 +94,18 @@ pub fn save(run: &Path, state: &TrainState, keep: usize) -> anyhow::Result<PathB
     meta.insert("step".into(), state.step.to_string());
     meta.insert("optim_steps".into(), serde_json::to_string(&steps)?);
     let path = checkpoint_path(run, state.step);
-    write_safetensors(&path, &tensors, &meta)?;
+    if let Err(error) = write_safetensors(&path, &tensors, &meta) {
+        let last = match list(run).into_iter().rfind(|(step, _)| *step != state.step) {
+            Some((step, p)) => format!("the last good checkpoint is step {step} ({})", p.display()),
+            None => "there is no earlier checkpoint".to_string(),
+        };
+        let hint = if is_disk_full(&error) {
+            format!("the disk is full: free some space, then continue with `explora --no-gui resume {}`", run.display())
+        } else {
+            format!("continue with `explora --no-gui resume {}`", run.display())
+        };
+        anyhow::bail!("could not write the checkpoint of step {}: {error}; {last}; {hint}", state.step);
+    }
     let all = list(run);
     for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
         let _ = std::fs::remove_file(old);
@@ -105,14 +113,56 @@ pub fn save(run: &Path, state: &TrainState, keep: usize) -> anyhow::Result<PathB
     Ok(path)
 }
 
-/// Restores a checkpoint into freshly built `student`/`teacher` (same config and plan).
-/// Names any tensor the models expect that the file lacks.
-pub fn load(path: &Path, mut state: TrainState, device: &Device) -> anyhow::Result<TrainState> {
+/// A checkpoint file read back whole.
+pub struct Readable {
+    pub step: u64,
+    pub path: PathBuf,
+    tensors: TensorMap,
+    meta: Metadata,
+}
+
+/// Reads one checkpoint file; errors say why it cannot be used.
+pub fn read(path: &Path) -> anyhow::Result<Readable> {
     let (tensors, meta) = read_safetensors(path)?;
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
         anyhow::bail!("{} is not an explora pre-training checkpoint (format {:?})", path.display(), meta.get("format"));
     }
     let step: u64 = meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("{}: no step", path.display()))?;
+    Ok(Readable { step, path: path.to_path_buf(), tensors, meta })
+}
+
+/// The newest checkpoint of the run that can be read, and a warning for each newer one that
+/// cannot (a file cut short by a crash or a full disk, or damaged later). Unreadable files are
+/// renamed to `*.unreadable` so they are kept for a look but never tried again.
+pub fn newest_readable(run: &Path) -> (Option<Readable>, Vec<String>) {
+    let mut warnings = Vec::new();
+    for (_, path) in list(run).into_iter().rev() {
+        match read(&path) {
+            Ok(found) => return (Some(found), warnings),
+            Err(error) => {
+                let kept = path.with_extension("safetensors.unreadable");
+                let moved = std::fs::rename(&path, &kept).is_ok();
+                warnings.push(format!(
+                    "skipping {}: {error:#}{}; trying the checkpoint before it",
+                    path.display(),
+                    if moved { format!(" (kept as {})", kept.display()) } else { String::new() }
+                ));
+            }
+        }
+    }
+    (None, warnings)
+}
+
+/// Restores a checkpoint file into a freshly built state (same config and plan).
+pub fn load(path: &Path, state: TrainState, device: &Device) -> anyhow::Result<TrainState> {
+    restore(read(path)?, state, device)
+}
+
+/// Restores a checkpoint read by [`read`] into freshly built `student`/`teacher` (same config
+/// and plan). Names any tensor the models expect that the file lacks.
+pub fn restore(found: Readable, mut state: TrainState, device: &Device) -> anyhow::Result<TrainState> {
+    let Readable { step, path, tensors, meta } = found;
+    let path = path.as_path();
     let steps: HashMap<String, u64> = serde_json::from_str(meta.get("optim_steps").map_or("{}", String::as_str))?;
     let mut missing = Vec::new();
     let mut restore = |prefix: &str, model: DinoModel, only_trainable: bool| {

@@ -10,11 +10,36 @@ use std::time::Instant;
 use burn::tensor::{Device, Tensor};
 
 use super::config::PretrainConfig;
-use super::optim::{UpdateRule, clip_by_global_norm};
-use super::schedule::StepValues;
-use super::state::{TrainState, to_vec};
-use crate::objectives::params::accumulate_grads;
+use super::state::TrainState;
+use crate::model::params::accumulate_grads;
+use crate::model::to_vec;
+use crate::optim::schedule::{cosine, linear, warmup_cosine};
+use crate::optim::{UpdateRule, clip_by_global_norm};
 use crate::objectives::{StepInputs, ema_update, step_loss};
+
+/// The schedule values of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepValues {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub teacher_temp: f64,
+}
+
+impl StepValues {
+    /// The values of 0-based optimizer step `step` of a run: the learning rate warms up
+    /// linearly then follows a cosine; weight decay and teacher momentum follow cosines; the
+    /// teacher temperature warms up linearly.
+    pub fn at(config: &PretrainConfig, step: u64) -> Self {
+        let (o, l, total) = (&config.optim, &config.loss, config.run.steps);
+        Self {
+            lr: warmup_cosine(o.peak_lr(), o.min_lr, o.warmup_steps, step, total),
+            weight_decay: cosine(o.weight_decay[0], o.weight_decay[1], step, total),
+            momentum: cosine(o.momentum[0], o.momentum[1], step, total),
+            teacher_temp: linear(l.teacher_temp[0], l.teacher_temp[1], step, l.teacher_temp_warmup_steps),
+        }
+    }
+}
 
 /// What one optimizer step read back.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,4 +119,26 @@ pub fn optimizer_step(
     state.step += 1;
     let f = |i: usize| f64::from(read[i]);
     Ok((state, StepOutcome { parts: [f(0), f(1), f(2), f(3)], grad_norm: f(4), timings }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_values_follow_the_run_config() {
+        let mut c = PretrainConfig::builtin();
+        c.run.steps = 100;
+        c.optim.warmup_steps = 10;
+        let first = StepValues::at(&c, 0);
+        assert!((first.lr - c.optim.peak_lr() / 10.0).abs() < 1e-12);
+        assert!((StepValues::at(&c, 9).lr - c.optim.peak_lr()).abs() < 1e-12);
+        let mid = StepValues::at(&c, 50).lr;
+        assert!(mid < c.optim.peak_lr() && mid > c.optim.min_lr);
+        assert!((first.weight_decay - c.optim.weight_decay[0]).abs() < 1e-12);
+        assert!((first.momentum - c.optim.momentum[0]).abs() < 1e-12);
+        assert_eq!(first.teacher_temp, c.loss.teacher_temp[0]);
+        assert_eq!(StepValues::at(&c, 1_000).teacher_temp, c.loss.teacher_temp[1]);
+        assert!((StepValues::at(&c, 100).momentum - c.optim.momentum[1]).abs() < 1e-12);
+    }
 }

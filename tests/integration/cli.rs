@@ -188,7 +188,7 @@ fn pipeline_prints_its_config_and_names_bad_inputs() {
     let out = explora(&["pipeline", "--print-config", "--steps", "3", "--finetune", "--image-size", "56"]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    let config: explora::eval::PipelineConfig = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let config: explora::recipes::pipeline::PipelineConfig = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
     assert_eq!((config.pretrain.run.steps, config.data.image_size), (3, 56));
     assert_eq!(config.finetune.unwrap().plan.lora_rank, Some(8));
 

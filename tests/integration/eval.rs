@@ -8,7 +8,7 @@ use std::sync::mpsc;
 
 use explora::engine::{Command, Event, JobContext};
 use explora::eval::finetune::FinetuneConfig;
-use explora::eval::{PipelineConfig, run_pipeline};
+use explora::recipes::pipeline::{PipelineConfig, run_pipeline};
 use explora::objectives::HeadConfig;
 
 use crate::common::*;
@@ -30,7 +30,7 @@ fn tiny_pipeline() -> PipelineConfig {
     c
 }
 
-fn run(config: &PipelineConfig, out: &Path) -> (explora::eval::PipelineSummary, Vec<String>) {
+fn run(config: &PipelineConfig, out: &Path) -> (explora::recipes::pipeline::PipelineSummary, Vec<String>) {
     let (events, receiver) = mpsc::channel();
     let (_commands, command_rx) = mpsc::channel::<Command>();
     let mut ctx = JobContext::new(events, command_rx);
@@ -96,13 +96,13 @@ fn pipeline_compares_source_and_explora_and_reuses_its_work() {
     let (_c, commands) = mpsc::channel::<Command>();
     let mut ctx = JobContext::new(events, commands);
     let run_dir = out.join("pretrain");
-    let evaluated = explora::eval::pipeline::evaluate_run(&run_dir, &out.join("data"), &device(), &mut ctx).unwrap();
+    let evaluated = explora::recipes::pipeline::evaluate_run(&run_dir, &out.join("data"), &device(), &mut ctx).unwrap();
     assert_eq!(evaluated.rows.len(), 4);
     assert!(evaluated.rows.iter().all(|r| r.top1 >= 2.5 * chance), "{:?}", evaluated.rows);
     assert!(evaluated.headline().starts_with("top-1, source → ExPLoRA: knn: "), "{}", evaluated.headline());
     let md = std::fs::read_to_string(run_dir.join("evaluation/report.md")).unwrap();
     assert!(md.contains("| explora | knn |"), "{md}");
-    let err = explora::eval::pipeline::evaluate_run(dir.path(), &out.join("data"), &device(), &mut ctx).unwrap_err();
+    let err = explora::recipes::pipeline::evaluate_run(dir.path(), &out.join("data"), &device(), &mut ctx).unwrap_err();
     assert!(format!("{err:#}").contains("has not finished pre-training"), "{err:#}");
 
     // Again, without fine-tuning: features come from the cache, pre-training is not redone,

@@ -9,10 +9,10 @@ use burn::tensor::{Tensor, TensorData};
 use explora::data::generate_image_folder;
 use explora::engine::{self, Command, Event};
 use explora::model::VitConfig;
-use explora::objectives::params::{accumulate_grads, for_each_param, trainable_params};
+use explora::model::params::{accumulate_grads, for_each_param, trainable_params};
 use explora::objectives::{Centers, DinoModel, HeadConfig, LossConfig, MaskedPatches, StepInputs, ema_update, step_loss};
 use explora::peft::{AdaptationPlan, Preset, apply_plan, trainable_patterns};
-use explora::train::optim::{AdamW, UpdateRule};
+use explora::optim::{AdamW, UpdateRule};
 use explora::train::{PretrainConfig, PretrainJob, pretrain};
 
 use crate::common::*;
@@ -23,6 +23,17 @@ fn run_quietly(config: PretrainConfig, out: &Path, resume: bool) -> anyhow::Resu
     let (events, _commands) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<Command>());
     let mut ctx = engine::JobContext::new(events.0, _commands.1);
     pretrain(&job, &device, &mut ctx)
+}
+
+/// Runs the job and returns what it ended with and the log lines it emitted.
+fn run_logged(job: PretrainJob) -> (anyhow::Result<explora::train::PretrainSummary>, Vec<String>) {
+    let device = device();
+    let (events, commands) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<Command>());
+    let mut ctx = engine::JobContext::new(events.0, commands.1);
+    let result = pretrain(&job, &device, &mut ctx);
+    drop(ctx);
+    let log = events.1.iter().filter_map(|e| if let Event::Log { message, .. } = e { Some(message) } else { None }).collect();
+    (result, log)
 }
 
 /// `metrics.jsonl` lines without the wall-clock fields.
@@ -206,6 +217,55 @@ fn a_killed_run_resumes_where_it_stopped_and_a_stop_command_keeps_a_checkpoint()
     // A fresh start over an existing run is refused, with the way out.
     let again = run_quietly(small_config(6), &b, false).unwrap_err().to_string();
     assert!(again.contains("already holds a run") && again.contains("resume"), "{again}");
+}
+
+#[test]
+fn resume_skips_an_unreadable_newest_checkpoint_and_a_full_disk_keeps_the_last_good_one() {
+    use explora::train::state::checkpoint_path;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let mut config = small_config(6);
+    config.run.checkpoint_every = 2;
+    config.run.keep_checkpoints = 5;
+    run_quietly(config.clone(), &a, false).unwrap();
+
+    // Step 6's file cut short (a crash mid-write without the atomic rename, or damage later):
+    // resume says so, keeps the file aside and continues from step 4.
+    let newest = checkpoint_path(&a, 6);
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let mut job = PretrainJob::resume(&a).unwrap();
+    job.config.run.steps = 8;
+    let (result, log) = run_logged(job);
+    let summary = result.unwrap();
+    assert_eq!(summary.steps_done, 8);
+    assert!(log.iter().any(|l| l.contains("skipping") && l.contains("step-0000006")), "{log:#?}");
+    assert!(log.iter().any(|l| l.contains("resuming from") && l.contains("step 4")), "{log:#?}");
+    assert!(newest.with_extension("safetensors.unreadable").exists(), "the damaged file was not kept");
+    let steps: Vec<u64> = metrics(&a).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "metrics after the fallback must restart at step 5");
+
+    // A full disk while writing the step-6 checkpoint: the run stops with the last good
+    // checkpoint named; nothing half-written is left; once there is space, resume continues.
+    let mut four = config.clone();
+    four.run.steps = 4;
+    run_quietly(four, &b, false).unwrap();
+    let checkpoints = b.join("checkpoints");
+    let mut job = PretrainJob::resume(&b).unwrap();
+    job.config.run.steps = 8;
+    explora::checkpoint::fault::disk_full_under(&checkpoints);
+    let (result, _) = run_logged(job);
+    explora::checkpoint::fault::clear(&checkpoints);
+    let error = format!("{:#}", result.unwrap_err());
+    assert!(error.contains("disk is full") && error.contains("last good checkpoint is step 4"), "{error}");
+    assert!(error.contains("explora --no-gui resume"), "{error}");
+    let files: Vec<String> =
+        std::fs::read_dir(&checkpoints).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(files.len(), 2, "only the good checkpoints of steps 2 and 4 may be there: {files:?}");
+    assert!(explora::train::state::read(&checkpoint_path(&b, 4)).is_ok());
+    let mut job = PretrainJob::resume(&b).unwrap();
+    job.config.run.steps = 8;
+    assert_eq!(run_logged(job).0.unwrap().steps_done, 8);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use explora::checkpoint::{Layout, RawTensor, TensorMap, load_backbone, write_safetensors};
 use explora::data::{ImageList, Preprocess, SkipReport, load_batch};
-use explora::eval::images_tensor;
+use explora::inspect::images_tensor;
 use explora::model::ForwardOptions;
 
 use crate::common::*;

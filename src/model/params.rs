@@ -129,3 +129,8 @@ impl ModuleVisitor for Grads<'_> {
 pub fn accumulate_grads<M: Module>(module: &M, grads: &Gradients, into: &mut HashMap<String, Tensor<1>>) {
     module.visit(&mut Grads { path: Path(Vec::new()), grads, out: into });
 }
+
+/// Reads a float tensor back to the host as `f32`.
+pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data")
+}

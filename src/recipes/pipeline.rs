@@ -17,11 +17,11 @@ use anyhow::Context;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use super::embed::{Features, cached};
-use super::finetune::{FinetuneConfig, finetune};
-use super::knn::{KnnConfig, knn_classify};
-use super::linear::{Labelled, ProbeConfig, train_probe};
-use super::metrics::Metrics;
+use crate::eval::embed::{Features, cached};
+use crate::eval::finetune::{FinetuneConfig, finetune};
+use crate::eval::linear::{Labelled, ProbeConfig, train_probe};
+use crate::eval::{Metrics, knn_classify};
+use crate::inspect::KnnConfig;
 use crate::checkpoint::{load_backbone, load_backbone_with, save_backbone};
 use crate::data::{LabelledSet, Preprocess, Split, Splits, generate_shifted_image_folder};
 use crate::engine::JobContext;
@@ -114,7 +114,7 @@ impl PipelineConfig {
     /// ExPLoRA pre-training — every stage in minutes on any machine.
     pub fn builtin(software: bool) -> Self {
         let mut c = Self::default();
-        c.model.weights = Some(PathBuf::from(crate::builtin::SOURCE_TINY));
+        c.model.weights = Some(PathBuf::from(crate::checkpoint::builtin::SOURCE_TINY));
         c.data.procedural_shift = crate::data::Shift::Target;
         c.data.image_size = 32;
         c.data.batch = 32;
@@ -141,7 +141,7 @@ impl PipelineConfig {
             return Err(bad("model", "give `weights` (a checkpoint) or `arch` (a preset, random weights)"));
         }
         if let Some(w) = &self.model.weights
-            && !crate::builtin::exists(w)
+            && !crate::checkpoint::builtin::exists(w)
         {
             return Err(bad("model.weights", format!("{} does not exist", w.display())));
         }
@@ -270,7 +270,7 @@ impl PipelineSummary {
                     source_top1: a.top1,
                     explora_top1: b.top1,
                     delta: b.top1 - a.top1,
-                    interval: super::metrics::paired_bootstrap(&a.correct, &b.correct, 2000, 0xB007),
+                    interval: crate::eval::metrics::paired_bootstrap(&a.correct, &b.correct, 2000, 0xB007),
                 })
             })
             .collect()
@@ -599,7 +599,7 @@ fn record(out: &Path, row: Row, metrics: &Metrics, classes: &[String], ctx: &mut
     std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&serde_json::json!({ "row": &row, "metrics": metrics, "classes": classes }))?)?;
     let title = format!("{} backbone, {}: top-1 {:.1}% on {} test images", row.variant, row.method, 100.0 * row.top1, metrics.samples);
     let png = dir.join("confusion.png");
-    super::figure::confusion_matrix(&metrics.confusion, classes, &title)
+    crate::eval::figure::confusion_matrix(&metrics.confusion, classes, &title)
         .save(&png)
         .with_context(|| format!("writing {}", png.display()))?;
     ctx.info(format!(

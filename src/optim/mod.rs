@@ -4,13 +4,15 @@
 //! `AdamW`) because the weight decay follows a schedule and clipping must be global; the state
 //! is kept by parameter path so checkpoints can store and restore it exactly.
 
+pub mod schedule;
+
 use std::collections::HashMap;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::checkpoint::{RawTensor, TensorMap};
-use crate::objectives::params::map_params;
+use crate::model::params::map_params;
 
 /// Per-parameter AdamW moments and step count.
 #[derive(Debug, Clone)]
@@ -115,7 +117,7 @@ impl AdamW {
         let mut steps = HashMap::new();
         for (path, s) in &self.state {
             for (kind, t) in [("m", &s.m), ("v", &s.v)] {
-                let data = super::state::to_vec(t.clone());
+                let data = crate::model::to_vec(t.clone());
                 tensors.insert(format!("optim.{kind}.{path}"), RawTensor::new(vec![data.len()], data));
             }
             steps.insert(path.clone(), s.steps);

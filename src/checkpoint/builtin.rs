@@ -9,7 +9,7 @@ use std::path::Path;
 /// backbone.
 pub const SOURCE_TINY: &str = "builtin:source-tiny";
 
-static SOURCE_TINY_BYTES: &[u8] = include_bytes!("../assets/source-tiny.safetensors");
+static SOURCE_TINY_BYTES: &[u8] = include_bytes!("../../assets/source-tiny.safetensors");
 
 /// The shipped bytes behind a `builtin:` path, or `None` for an ordinary path.
 pub fn bytes(path: &Path) -> Option<&'static [u8]> {

@@ -3,21 +3,11 @@
 
 use image::{Rgb, RgbImage, imageops};
 
-use super::to_vec;
+use crate::model::to_vec;
 use crate::model::{ForwardOptions, Vit};
 use burn::tensor::Tensor;
 
-/// CLS attention over the patch grid of one image.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AttentionMap {
-    pub layer: usize,
-    /// `None`: mean over heads.
-    pub head: Option<usize>,
-    pub rows: usize,
-    pub cols: usize,
-    /// `rows × cols`, row-major; the attention probabilities (they sum to at most 1).
-    pub values: Vec<f32>,
-}
+pub use crate::engine::AttentionMap;
 
 /// Runs `image` (`[1, 3, H, W]`) through the model and returns the CLS attention of `layer`
 /// (one head, or the mean over heads) over the patches. Errors name the valid range.
