@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod engine;
 pub mod eval;
+pub mod fields;
 pub mod gui;
 pub mod inspect;
 pub mod model;

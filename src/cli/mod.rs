@@ -320,6 +320,14 @@ pub struct PretrainArgs {
     /// Run the k-NN monitor every N steps (0 = never).
     #[arg(long)]
     pub knn_every: Option<u64>,
+    /// Labelled ImageFolder: the k-NN monitor during the run and, after it, the comparison of
+    /// the source and adapted backbones (k-NN and linear probe, in <run>/evaluation/).
+    #[arg(long)]
+    pub labelled: Option<PathBuf>,
+    /// Compare the source and adapted backbones after the run (on --labelled, or on generated
+    /// tiles of the procedural domain); `[evaluate] after_training` in the config.
+    #[arg(long)]
+    pub evaluate: bool,
     /// Print the resolved run config as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -799,11 +807,12 @@ pub fn pretrain_config(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
     c.run.seed = args.seed.unwrap_or(c.run.seed);
     c.run.checkpoint_every = args.checkpoint_every.unwrap_or(c.run.checkpoint_every);
     if args.knn_images.is_some() {
-        c.monitor.knn_images = args.knn_images.clone();
-        if c.monitor.knn_every == 0 {
-            c.monitor.knn_every = 500;
-        }
+        c.set_labelled(args.knn_images.clone(), false);
     }
+    if args.labelled.is_some() {
+        c.set_labelled(args.labelled.clone(), true);
+    }
+    c.evaluate.after_training |= args.evaluate;
     c.monitor.knn_every = args.knn_every.unwrap_or(c.monitor.knn_every);
     Ok(c)
 }
@@ -819,7 +828,7 @@ fn pretrain_cmd(choice: &DeviceChoice, args: PretrainArgs) -> anyhow::Result<()>
     eprintln!("device: {}", device::describe(&device));
     let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("pretrain-{}", crate::engine::utc_stamp())));
     let job = PretrainJob { config, out, resume: false };
-    let handle = engine::spawn("pretrain", move |ctx| crate::train::run(&job, &device, ctx));
+    let handle = engine::spawn("pretrain", move |ctx| crate::recipes::run::run(&job, &device, ctx));
     output::follow(handle)
 }
 
@@ -830,6 +839,6 @@ fn resume_cmd(choice: &DeviceChoice, args: ResumeArgs) -> anyhow::Result<()> {
     }
     let device = device::open(choice)?;
     eprintln!("device: {}", device::describe(&device));
-    let handle = engine::spawn("pretrain", move |ctx| crate::train::run(&job, &device, ctx));
+    let handle = engine::spawn("pretrain", move |ctx| crate::recipes::run::run(&job, &device, ctx));
     output::follow(handle)
 }

@@ -21,11 +21,11 @@ pub fn follow(handle: JobHandle) -> anyhow::Result<()> {
     };
     for event in handle.events.iter() {
         match event {
-            Event::Phase { name, total } => {
+            Event::Phase { phase: next, total } => {
                 if let Some(b) = bar.take() {
                     b.finish();
                 }
-                phase = name.clone();
+                phase = next.to_string();
                 if terminal {
                     let b = match total {
                         Some(t) => ProgressBar::new(t).with_style(
@@ -35,11 +35,11 @@ pub fn follow(handle: JobHandle) -> anyhow::Result<()> {
                         ),
                         None => ProgressBar::new_spinner(),
                     };
-                    b.set_message(name);
+                    b.set_message(phase.clone());
                     b.enable_steady_tick(Duration::from_millis(200));
                     bar = Some(b);
                 } else {
-                    eprintln!("{name}…");
+                    eprintln!("{phase}…");
                 }
             }
             Event::Progress { done, total, per_second } => match &bar {

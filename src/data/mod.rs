@@ -12,7 +12,7 @@ use std::path::PathBuf;
 pub use folder::{ImageItem, ImageList, SkipReport, decode_rgb};
 pub use labelled::{LabelledSet, Split, Splits};
 pub use multicrop::{
-    BatchSpec, CropBatch, CropLoader, Crops, FieldError, FolderSource, ImageSource, MaskConfig,
+    BatchSpec, CropBatch, CropLoader, Crops, FolderSource, ImageSource, MaskConfig,
     MultiCropConfig, ProceduralSource, augment, block_mask, build_batch, contact_sheet,
     masked_crops, max_masked, train_view,
 };

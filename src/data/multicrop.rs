@@ -48,24 +48,14 @@ use rayon::prelude::*;
 use super::DataError;
 use super::folder::{ImageList, decode_rgb};
 use super::preprocess::normalize_chw;
+use crate::fields::FieldError;
 use super::procedural::ProceduralDomain;
 
 // ---------------------------------------------------------------------------------------------
 // Configuration.
 
-/// An invalid configuration value, with the field at fault (e.g. `crops.global_scale`).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct FieldError {
-    pub field: String,
-    pub reason: String,
-}
-
 fn field_error(field: &str, reason: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.to_string(),
-        reason: reason.into(),
-    }
+    FieldError::run(field, reason)
 }
 
 /// The multi-crop augmentation; `Default` is DINOv2's recipe. Probabilities are in [0, 1].
@@ -1370,7 +1360,7 @@ mod tests {
             edit(&mut c);
             let err = c.validate().unwrap_err();
             assert_eq!(err.field, field, "{err}");
-            assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
+            assert!(err.to_string().starts_with(&format!("invalid run config: `{field}` ")), "{err}");
         }
         let bad_masks = [
             MaskConfig {

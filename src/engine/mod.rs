@@ -21,11 +21,53 @@ pub fn utc_stamp() -> String {
     )
 }
 
+/// The phases a job goes through. Faces act on the typed ones (the app cuts its plots when
+/// pre-training progress starts) and show every phase by its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the backbone, checking the config and the plan against it.
+    Loading,
+    /// Pre-training; progress counts optimizer steps.
+    Pretraining,
+    /// Merging the adapters and writing the adapted backbone.
+    Exporting,
+    /// Feature extraction; progress counts images.
+    Embedding,
+    /// Supervised fine-tuning; progress counts optimizer steps.
+    FineTuning,
+    /// Any other step of a recipe, named for the person watching.
+    Step(String),
+}
+
+impl Phase {
+    pub fn step(name: impl Into<String>) -> Self {
+        Self::Step(name.into())
+    }
+
+    /// Whether progress in this phase counts optimizer steps of a training loop.
+    pub fn counts_steps(&self) -> bool {
+        matches!(self, Self::Pretraining | Self::FineTuning)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Loading => "loading the backbone",
+            Self::Pretraining => "pre-training",
+            Self::Exporting => "exporting",
+            Self::Embedding => "embedding images",
+            Self::FineTuning => "fine-tuning",
+            Self::Step(name) => name,
+        })
+    }
+}
+
 /// What a running job reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A phase starts; `total` units of work when known (images, steps).
-    Phase { name: String, total: Option<u64> },
+    Phase { phase: Phase, total: Option<u64> },
     /// Progress within the current phase.
     Progress { done: u64, total: Option<u64>, per_second: f64 },
     /// A human-readable line (what the CLI logs and the app shows in its log view).
@@ -151,9 +193,9 @@ impl JobContext {
         self.emit(Event::Log { level: Level::Warn, message: message.into() });
     }
 
-    pub fn phase(&mut self, name: impl Into<String>, total: Option<u64>) {
+    pub fn phase(&mut self, phase: Phase, total: Option<u64>) {
         self.phase_started = Instant::now();
-        self.emit(Event::Phase { name: name.into(), total });
+        self.emit(Event::Phase { phase, total });
     }
 
     /// Reports `done` units of the current phase, with the rate since the phase began.
@@ -272,7 +314,7 @@ mod tests {
     fn events_commands_round_trip() {
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let handle = spawn("test", move |ctx| {
-            ctx.phase("count", Some(3));
+            ctx.phase(Phase::step("count"), Some(3));
             let mut done = 0;
             for _ in 0..3 {
                 go_rx.recv().unwrap();
@@ -287,7 +329,7 @@ mod tests {
         // Pause, resume, then stop before the third unit.
         handle.send(Command::Pause);
         go_tx.send(()).unwrap();
-        assert_eq!(handle.events.recv().unwrap(), Event::Phase { name: "count".into(), total: Some(3) });
+        assert_eq!(handle.events.recv().unwrap(), Event::Phase { phase: Phase::step("count"), total: Some(3) });
         assert_eq!(handle.events.recv().unwrap(), Event::Paused(true));
         handle.send(Command::Resume);
         assert_eq!(handle.events.recv().unwrap(), Event::Paused(false));

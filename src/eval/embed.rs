@@ -127,7 +127,7 @@ pub fn extract(
         classes: list.classes.clone(),
         ..Default::default()
     };
-    ctx.phase("embedding images", Some(total));
+    ctx.phase(crate::engine::Phase::Embedding, Some(total));
     let chunks: Vec<Vec<usize>> = (0..list.len()).collect::<Vec<_>>().chunks(batch).map(<[usize]>::to_vec).collect();
     let chunks_total = chunks.len();
     std::thread::scope(|scope| -> anyhow::Result<()> {

@@ -267,7 +267,7 @@ pub fn finetune(
     };
     let mut best: Option<HashMap<String, Tensor<1>>> = None;
     let mut step = 0usize;
-    ctx.phase("fine-tuning", Some(total_steps as u64));
+    ctx.phase(crate::engine::Phase::FineTuning, Some(total_steps as u64));
     'epochs: for epoch in 1..=config.epochs {
         // Losses stay on the device and are read once per epoch.
         let mut loss_sum: Option<Tensor<1>> = None;

@@ -9,7 +9,6 @@ use egui::Ui;
 
 use super::state::{AppState, default_out};
 use super::widgets::{error_line, number, ok_line, text_field};
-use crate::model::VitConfig;
 use crate::train::PretrainConfig;
 
 /// Text fields being edited (applied to the config on change).
@@ -108,10 +107,7 @@ impl SetupPanel {
             state.config.data.images = non_empty(&self.images);
         }
         if text_field(ui, "labelled ImageFolder (optional: the k-NN monitor, and a before/after evaluation when the run ends)", &mut self.labelled, 360.0).changed() {
-            state.config.monitor.knn_images = non_empty(&self.labelled);
-            if state.config.monitor.knn_images.is_some() && state.config.monitor.knn_every == 0 {
-                state.config.monitor.knn_every = 500;
-            }
+            state.config.set_labelled(non_empty(&self.labelled), true);
         }
 
         ui.separator();
@@ -232,11 +228,7 @@ impl SetupPanel {
     fn load(&mut self, state: &mut AppState) -> Result<String, String> {
         let path = non_empty(&self.config_file).ok_or("enter the TOML file to load")?;
         let config = PretrainConfig::load(&path).map_err(|e| format!("{e:#}"))?;
-        if let Some(name) = &config.model.arch
-            && VitConfig::preset(name).is_none()
-        {
-            return Err(format!("invalid run config: `model.arch` {name} is not a preset"));
-        }
+        config.arch_preset().map_err(|e| e.to_string())?;
         state.set_config(config);
         self.sync(state);
         Ok(format!("loaded {}", path.display()))

@@ -15,7 +15,7 @@ use burn::tensor::Device;
 use image::RgbImage;
 
 use crate::device::{self, AdapterInfo, DeviceChoice};
-use crate::engine::{self, AttentionRequest, AttentionView, BatchPreview, Command, Event, JobHandle, Level};
+use crate::engine::{self, AttentionRequest, AttentionView, BatchPreview, Command, Event, JobHandle, Level, Phase};
 use crate::model::VitConfig;
 use crate::peft::{AdaptationPlan, BlockMode, Budget, PlanSpec, Preset};
 use crate::train::{PretrainConfig, PretrainJob};
@@ -27,7 +27,7 @@ const LOG_LINES: usize = 500;
 pub struct RunState {
     handle: Option<JobHandle>,
     pub out: PathBuf,
-    pub phase: String,
+    pub phase: Phase,
     pub step: u64,
     pub total: Option<u64>,
     pub paused: bool,
@@ -162,16 +162,17 @@ impl AppState {
                 }
                 Err(e) => self.model_error = Some(format!("{e:#}")),
             },
-            (Some(path), arch) => {
+            (Some(path), _) => {
                 self.model_note = format!("checkpoint {}: detecting the architecture…", path.display());
-                self.detect_model(path.clone(), arch.clone());
+                self.detect_model(path.clone());
             }
-            (None, Some(name)) => match VitConfig::preset(name) {
-                Some(vit) => {
+            (None, Some(_)) => match self.config.arch_preset() {
+                Ok(Some(vit)) => {
                     self.model_note = format!("built-in {} backbone (random weights standing in for a pre-trained one)", vit.name);
                     self.set_vit(vit);
                 }
-                None => self.model_error = Some(format!("invalid run config: `model.arch` {name} is not a preset")),
+                Ok(None) => unreachable!("model.arch is set"),
+                Err(e) => self.model_error = Some(e.to_string()),
             },
             (None, None) => self.model_error = Some("choose a checkpoint or a built-in model".into()),
         }
@@ -190,7 +191,14 @@ impl AppState {
     }
 
     /// Loads the checkpoint on the job thread to detect its layout and architecture.
-    fn detect_model(&mut self, path: PathBuf, arch: Option<String>) {
+    fn detect_model(&mut self, path: PathBuf) {
+        let arch = match self.config.arch_preset() {
+            Ok(arch) => arch,
+            Err(e) => {
+                self.model_error = Some(e.to_string());
+                return;
+            }
+        };
         let device = match self.job_device() {
             Ok(device) => device,
             Err(e) => {
@@ -200,10 +208,6 @@ impl AppState {
         };
         let (tx, rx) = mpsc::channel();
         let handle = engine::spawn("inspect", move |_ctx| {
-            let arch = match arch {
-                Some(name) => Some(VitConfig::preset(&name).ok_or_else(|| anyhow::anyhow!("unknown architecture preset `{name}`"))?),
-                None => None,
-            };
             let (_, report) = crate::checkpoint::load_backbone_with(&path, arch, &device)?;
             let _ = tx.send(report.config.clone());
             Ok(format!("{report}"))
@@ -280,11 +284,8 @@ impl AppState {
             if let Err(e) = self.plan_check() {
                 out.push(e);
             }
-            let patch = vit.patch_size;
-            for (field, size) in [("crops.global_size", self.config.crops.global_size), ("crops.local_size", self.config.crops.local_size)] {
-                if size as usize % patch != 0 {
-                    out.push(format!("invalid run config: `{field}` {size} is not a multiple of the model's patch size {patch}"));
-                }
+            if let Err(e) = self.config.check_model(vit) {
+                out.push(e.to_string());
             }
         } else if self.model_error.is_none() {
             out.push("the model's architecture is not known yet".into());
@@ -350,24 +351,14 @@ impl AppState {
         self.attention = None;
         self.attention_pending = None;
         let out = job.out.clone();
-        // With a labelled folder, a finished run is then evaluated against its base backbone
-        // (k-NN and linear probe; the report lands in `<run>/evaluation/`).
-        let labelled = job.config.monitor.knn_images.clone();
-        let handle = engine::spawn("pretrain", move |ctx| {
-            let text = crate::train::run(&job, &device, ctx)?;
-            match labelled {
-                Some(labelled) if job.out.join("summary.json").exists() => {
-                    let summary = crate::recipes::pipeline::evaluate_run(&job.out, &labelled, &device, ctx)?;
-                    Ok(format!("{text}\n{}; report in {}", summary.headline(), job.out.join("evaluation/report.md").display()))
-                }
-                _ => Ok(text),
-            }
-        });
+        // The same job as `explora --no-gui pretrain` / `resume`: pre-training, then the
+        // evaluation when the config's `[evaluate]` section asks for it.
+        let handle = engine::spawn("pretrain", move |ctx| crate::recipes::run::run(&job, &device, ctx));
         self.push_log(Level::Info, format!("started pre-training in {}", out.display()));
         self.run = Some(RunState {
             handle: Some(handle),
             out,
-            phase: "starting".into(),
+            phase: Phase::step("starting"),
             step: 0,
             total: Some(self.config.run.steps),
             paused: false,
@@ -383,7 +374,7 @@ impl AppState {
         self.run = Some(RunState {
             handle: Some(handle),
             out,
-            phase: String::new(),
+            phase: Phase::step(""),
             step: 0,
             total,
             paused: false,
@@ -461,14 +452,14 @@ impl AppState {
     fn on_run_event(&mut self, event: Event) {
         let Some(run) = self.run.as_mut() else { return };
         match event {
-            Event::Phase { name, total } => {
-                run.phase = name;
+            Event::Phase { phase, total } => {
+                run.phase = phase;
                 if total.is_some() {
                     run.total = total;
                 }
             }
             Event::Progress { done, total, .. } => {
-                if run.phase == "pre-training" {
+                if run.phase == Phase::Pretraining {
                     if run.recent.is_empty() {
                         // The first progress of a (resumed) run: its start step. Points after it
                         // were not checkpointed and will be computed again.
@@ -707,7 +698,7 @@ mod tests {
         let preview = Arc::new(BatchPreview { step: 1, grid: 2, samples: Vec::new() });
         let sent = preview.clone();
         let handle = engine::spawn("fake", move |ctx| {
-            ctx.phase("pre-training", Some(3));
+            ctx.phase(Phase::Pretraining, Some(3));
             for step in 1..=3u64 {
                 go_rx.recv().ok();
                 let flow = ctx.checkpoint_with(|request| {

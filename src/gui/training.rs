@@ -71,7 +71,7 @@ impl TrainingPanel {
 
         let mut status = vec![step_label(state)];
         if let Some(run) = &state.run {
-            status.insert(0, run.phase.clone());
+            status.insert(0, run.phase.to_string());
             if run.paused {
                 status.push("paused".into());
             }

@@ -75,12 +75,7 @@ fn yes() -> bool {
 }
 
 /// An architecture that cannot be built, with the field at fault.
-#[derive(Debug, thiserror::Error, PartialEq)]
-#[error("invalid model config: `{field}` {reason}")]
-pub struct VitConfigError {
-    pub field: &'static str,
-    pub reason: String,
-}
+pub type VitConfigError = crate::fields::FieldError;
 
 impl VitConfig {
     fn dinov2(name: &str, embed_dim: usize, depth: usize, num_heads: usize) -> Self {
@@ -233,7 +228,7 @@ impl VitConfig {
 
     /// Checks that the architecture can be built; names the first field at fault.
     pub fn validate(&self) -> Result<(), VitConfigError> {
-        let err = |field, reason: String| Err(VitConfigError { field, reason });
+        let err = |field, reason: String| Err(VitConfigError::model(field, reason));
         if self.embed_dim == 0 {
             return err("embed_dim", "must be positive".into());
         }

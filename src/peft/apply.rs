@@ -81,10 +81,7 @@ pub fn apply_plan(mut model: Vit, plan: &AdaptationPlan) -> Result<Vit, PlanErro
     if patterns.is_empty() {
         return Ok(model);
     }
-    let group = ParamGroup::from_any_regexes(patterns).map_err(|e| PlanError {
-        field: "plan".into(),
-        reason: format!("internal pattern error: {e:?}"),
-    })?;
+    let group = ParamGroup::from_any_regexes(patterns).map_err(|e| PlanError::plan("plan", format!("internal pattern error: {e:?}")))?;
     Ok(model.set_require_grad_group(group, true))
 }
 

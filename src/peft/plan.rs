@@ -337,15 +337,10 @@ impl std::str::FromStr for Preset {
 }
 
 /// A plan that cannot be applied to a model, with the field at fault.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("invalid adaptation plan: `{field}` {reason}")]
-pub struct PlanError {
-    pub field: String,
-    pub reason: String,
-}
+pub type PlanError = crate::fields::FieldError;
 
 fn plan_error(field: impl Into<String>, reason: impl Into<String>) -> PlanError {
-    PlanError { field: field.into(), reason: reason.into() }
+    PlanError::plan(field, reason)
 }
 
 impl AdaptationPlan {

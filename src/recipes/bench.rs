@@ -160,7 +160,7 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
     let mut peak = None;
     device.seed(config.seed);
     if matches!(config.mode, BenchMode::Infer | BenchMode::Both) {
-        ctx.phase("bench: infer", Some((1 + config.warmup + config.steps) as u64));
+        ctx.phase(crate::engine::Phase::step("bench: infer"), Some((1 + config.warmup + config.steps) as u64));
         let model = vit.init(device);
         let x = Tensor::<4>::random([config.infer_batch, 3, config.infer_size, config.infer_size], Distribution::Normal(0.0, 1.0), device);
         // Each call ends with a read-back, so its time includes the device's work.
@@ -184,7 +184,7 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
         ctx.info(format!("infer: {:.1} images/s ({:.1} ms a batch of {})", config.infer_batch as f64 / seconds, seconds * 1e3, config.infer_batch));
     }
     if matches!(config.mode, BenchMode::Train | BenchMode::Both) {
-        ctx.phase("bench: train", Some((1 + config.warmup + config.steps) as u64));
+        ctx.phase(crate::engine::Phase::step("bench: train"), Some((1 + config.warmup + config.steps) as u64));
         let pre = config.pretrain_config(&vit);
         let ad = device.clone().autodiff();
         let plan = pre.plan.resolve(&vit).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -14,10 +14,11 @@ use image::RgbImage;
 
 use crate::engine::JobContext;
 use crate::checkpoint::load_backbone;
-use crate::data::{Preprocess, ProceduralDomain, SceneClass, generate_shifted_image_folder};
+use crate::data::{Preprocess, ProceduralDomain, SceneClass};
 use crate::inspect::attention::{cls_attention, overlay};
 use crate::inspect::images_tensor;
-use crate::train::{PretrainConfig, PretrainJob, pretrain};
+use super::run::{RunOutcome, pretrain_then_evaluate};
+use crate::train::{PretrainConfig, PretrainJob};
 
 /// Knobs of the default run (the CLI exposes them).
 #[derive(Debug, Clone)]
@@ -55,33 +56,20 @@ pub fn run(job: &DefaultRun, device: &Device, ctx: &mut JobContext) -> anyhow::R
             PretrainConfig::builtin().optim.batch
         ));
     }
+    // Pre-training, then "did it help?": source vs adapted backbone on held-out labelled
+    // target tiles (the pipeline's k-NN and linear probe on a seeded split), written to
+    // evaluation/report.md — the run config's `[evaluate]` section, as any run can ask.
     let pre = PretrainJob { config: job.config.clone(), out: job.out.clone(), resume: false };
-    let summary = pretrain(&pre, device, ctx)?;
+    let RunOutcome { pretrain: summary, evaluation } = pretrain_then_evaluate(&pre, device, ctx)?;
     let out = job.out.display();
-    if summary.stopped_early {
+    let (false, Some(evaluation)) = (summary.stopped_early, evaluation) else {
         return Ok(format!(
             "stopped after step {}; continue with `explora --no-gui resume {out}`",
             summary.steps_done
         ));
-    }
+    };
 
-    // Did it help? Source vs adapted backbone on held-out labelled target tiles (the
-    // pipeline's k-NN and linear probe on a seeded split), written to evaluation/report.md.
-    ctx.phase("generating labelled target tiles", None);
-    let tiles = job.out.join("target-tiles");
-    if !tiles.join(".complete").exists() {
-        generate_shifted_image_folder(
-            &tiles,
-            EVAL_TILES_PER_CLASS,
-            job.config.data.procedural_size,
-            job.config.run.seed ^ 0x7E57,
-            job.config.data.procedural_shift,
-        )?;
-        std::fs::write(tiles.join(".complete"), "")?;
-    }
-    let evaluation = crate::recipes::pipeline::evaluate_run(&job.out, &tiles, device, ctx)?;
-
-    ctx.phase("attention maps before/after", Some(SceneClass::ALL.len() as u64));
+    ctx.phase(crate::engine::Phase::step("attention maps before/after"), Some(SceneClass::ALL.len() as u64));
     let size = job.config.crops.global_size;
     let source_weights = job.config.model.weights.clone().unwrap_or_else(|| job.out.join("base.safetensors"));
     let (base, _) = load_backbone(&source_weights, device)?;
@@ -127,10 +115,6 @@ pub fn run(job: &DefaultRun, device: &Device, ctx: &mut JobContext) -> anyhow::R
         deltas.join("\n"),
     ))
 }
-
-/// Labelled target tiles per scene class for the before → after evaluation (a 60/20/20
-/// split: 60 test images per class).
-const EVAL_TILES_PER_CLASS: usize = 300;
 
 /// Images of equal height next to each other with a 2 px gap.
 fn side_by_side(images: &[&RgbImage]) -> RgbImage {

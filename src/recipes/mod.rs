@@ -4,3 +4,4 @@
 pub mod bench;
 pub mod default_run;
 pub mod pipeline;
+pub mod run;

@@ -105,7 +105,7 @@ impl Default for PipelineConfig {
 }
 
 fn bad(field: &str, reason: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("invalid pipeline config: `{field}` {reason}")
+    crate::fields::FieldError::pipeline(field, reason.to_string()).into()
 }
 
 impl PipelineConfig {
@@ -176,7 +176,9 @@ impl PipelineConfig {
         let mut pre = self.pretrain.clone();
         pre.model = self.model.clone();
         pre.data.images = None;
-        pre.validate().map_err(|e| bad(&format!("pretrain.{}", e.field), e.reason))?;
+        // The pipeline runs its own comparison; a run config's `[evaluate]` does not apply.
+        pre.evaluate = Default::default();
+        pre.validate().map_err(|e| e.within("pipeline config", "pretrain"))?;
         Ok(())
     }
 }
@@ -360,7 +362,7 @@ fn run_comparison(
     let seed = config.data.seed;
 
     // Data and splits.
-    ctx.phase("preparing the labelled set", None);
+    ctx.phase(crate::engine::Phase::step("preparing the labelled set"), None);
     let labelled_path = match &config.data.labelled {
         Some(p) => p.clone(),
         None => {
@@ -445,6 +447,7 @@ fn run_comparison(
             pre_config.data.images = None;
             pre_config.data.list = Some(list);
             pre_config.run.seed = seed;
+            pre_config.evaluate = Default::default();
             let began = Instant::now();
             let summary_path = pre_dir.join("summary.json");
             let (pre_summary, seconds) = if summary_path.exists() {
@@ -480,7 +483,7 @@ fn run_comparison(
         return Ok(summary);
     }
 
-    ctx.phase("writing the report", None);
+    ctx.phase(crate::engine::Phase::step("writing the report"), None);
     std::fs::write(out.join("report.csv"), report_csv(&summary))?;
     std::fs::write(out.join("report.md"), report_md(config, &summary, &set, &pre_config, &pre_data))?;
     ctx.artifact("comparison report", out.join("report.md"));

@@ -12,18 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{MaskConfig, MultiCropConfig};
 use crate::objectives::{HeadConfig, LossConfig};
+use crate::model::VitConfig;
 use crate::peft::PlanSpec;
 
-/// A config field that cannot be used, and why.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("invalid run config: `{field}` {reason}")]
-pub struct ConfigError {
-    pub field: String,
-    pub reason: String,
-}
+pub use crate::fields::FieldError;
 
-fn bad(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.into(), reason: reason.into() }
+fn bad(field: &str, reason: impl Into<String>) -> FieldError {
+    FieldError::run(field, reason)
 }
 
 /// The backbone to start from.
@@ -148,6 +143,32 @@ impl Default for MonitorSection {
     }
 }
 
+impl MonitorSection {
+    /// The period used when a labelled folder is given and no period was chosen.
+    pub const DEFAULT_EVERY: u64 = 500;
+}
+
+/// What follows pre-training: the source backbone against the adapted one on labelled images
+/// (k-NN and a linear probe on a seeded 60/20/20 split, with bootstrap intervals), written to
+/// `<run>/evaluation/`. Part of the run, so a run that stops before it is evaluated on resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvaluateSection {
+    /// Compare once pre-training has finished.
+    pub after_training: bool,
+    /// A labelled ImageFolder. Without it, labelled tiles of the run's procedural domain are
+    /// generated into the run folder (only when the run trains on procedural tiles).
+    pub labelled: Option<PathBuf>,
+    /// Generated tiles per scene class when `labelled` is not set.
+    pub tiles_per_class: usize,
+}
+
+impl Default for EvaluateSection {
+    fn default() -> Self {
+        Self { after_training: false, labelled: None, tiles_per_class: 300 }
+    }
+}
+
 /// Length, seed, checkpoints and logging.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -182,6 +203,7 @@ pub struct PretrainConfig {
     pub loss: LossConfig,
     pub optim: OptimSection,
     pub monitor: MonitorSection,
+    pub evaluate: EvaluateSection,
     pub run: RunSection,
 }
 
@@ -216,6 +238,7 @@ impl PretrainConfig {
         c.optim.momentum = [0.99, 1.0];
         c.monitor.knn_every = 100;
         c.monitor.knn_max_images = 200;
+        c.evaluate.after_training = true;
         c.monitor.knn_k = 10;
         c.loss.centering = crate::objectives::Centering::SinkhornKnopp;
         c.run.steps = 300;
@@ -242,6 +265,74 @@ impl PretrainConfig {
         c
     }
 
+    /// A labelled ImageFolder for the run, as both faces set it: the k-NN monitor reads it
+    /// (every [`MonitorSection::DEFAULT_EVERY`] steps unless a period is set) and, with
+    /// `evaluate`, the comparison after the run uses it. `None` clears both uses.
+    pub fn set_labelled(&mut self, folder: Option<PathBuf>, evaluate: bool) {
+        if folder.is_some() && self.monitor.knn_every == 0 {
+            self.monitor.knn_every = MonitorSection::DEFAULT_EVERY;
+        }
+        self.monitor.knn_images = folder.clone();
+        self.evaluate.labelled = folder;
+        self.evaluate.after_training |= evaluate && self.evaluate.labelled.is_some();
+    }
+
+    /// The architecture preset named by `model.arch`, if any; an unknown name is an error
+    /// that lists the presets.
+    pub fn arch_preset(&self) -> Result<Option<VitConfig>, FieldError> {
+        match &self.model.arch {
+            None => Ok(None),
+            Some(name) => VitConfig::preset(name).map(Some).ok_or_else(|| {
+                bad(
+                    "model.arch",
+                    format!("{name} is not a preset (tiny, vits14, vitb14, vitl14, vitg14, mae-vitb16, mae-vitl16, mae-vith14; `_reg` for registers)"),
+                )
+            }),
+        }
+    }
+
+    /// Checks the knobs that depend on the model: crop sizes against its patch size, iBOT
+    /// against its mask token, the objective against its family. (The plan is resolved on the
+    /// model by [`PlanSpec::resolve`].) The engine and the app's Start button both call this.
+    pub fn check_model(&self, vit: &VitConfig) -> Result<(), FieldError> {
+        let patch = vit.patch_size as u32;
+        for (field, size) in [("crops.global_size", self.crops.global_size), ("crops.local_size", self.crops.local_size)] {
+            if size % patch != 0 {
+                return Err(bad(field, format!("{size} is not a multiple of the model's patch size {patch}")));
+            }
+        }
+        if vit.family == crate::model::Family::Mae {
+            return Err(bad(
+                "model",
+                format!(
+                    "{} is an MAE backbone: ExPLoRA continues a backbone with its own objective, and the MAE objective is \
+                     not implemented yet; pre-training runs the DINOv2 objective on DINOv2 backbones",
+                    vit.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes every path of the config absolute against `base` (the working directory when the
+    /// run is created), so that the `config.toml` written into the run folder holds wherever
+    /// the run is resumed from. Built-in names (`builtin:…`) stay as they are.
+    pub fn make_paths_absolute(&mut self, base: &Path) {
+        let fix = |p: &mut Option<PathBuf>| {
+            if let Some(path) = p
+                && path.is_relative()
+                && !crate::checkpoint::builtin::is_builtin(path)
+            {
+                *path = base.join(&*path);
+            }
+        };
+        fix(&mut self.model.weights);
+        fix(&mut self.data.images);
+        fix(&mut self.data.list);
+        fix(&mut self.monitor.knn_images);
+        fix(&mut self.evaluate.labelled);
+    }
+
     /// Reads a TOML file; fields it leaves out keep their defaults.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -255,10 +346,9 @@ impl PretrainConfig {
 
     /// Checks every knob that does not need the model (the plan and crop sizes are checked
     /// against the model when it is loaded).
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let into = |e: crate::data::FieldError| ConfigError { field: e.field, reason: e.reason };
-        self.crops.validate().map_err(into)?;
-        self.masks.validate().map_err(into)?;
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.crops.validate()?;
+        self.masks.validate()?;
         if let Some(path) = &self.model.weights
             && !crate::checkpoint::builtin::exists(path)
         {
@@ -358,6 +448,22 @@ impl PretrainConfig {
         }
         if self.monitor.knn_k == 0 || self.monitor.knn_max_images < 2 {
             return Err(bad("monitor", "knn_k must be ≥ 1 and knn_max_images ≥ 2"));
+        }
+        self.arch_preset()?;
+        let e = &self.evaluate;
+        if let Some(path) = &e.labelled
+            && !path.is_dir()
+        {
+            return Err(bad("evaluate.labelled", format!("{} is not a folder", path.display())));
+        }
+        if e.after_training && e.labelled.is_none() && (self.data.images.is_some() || self.data.list.is_some()) {
+            return Err(bad(
+                "evaluate.labelled",
+                "is needed to evaluate a run on your own images (generated tiles only match the procedural domain)",
+            ));
+        }
+        if e.after_training && e.labelled.is_none() && e.tiles_per_class < 10 {
+            return Err(bad("evaluate.tiles_per_class", "must be at least 10 (the split keeps 20% for testing)"));
         }
         Ok(())
     }

@@ -7,5 +7,5 @@ pub mod pretrain;
 pub mod state;
 pub mod step;
 
-pub use config::{ConfigError, PretrainConfig};
-pub use pretrain::{PretrainJob, PretrainSummary, pretrain, run};
+pub use config::PretrainConfig;
+pub use pretrain::{PretrainJob, PretrainSummary, pretrain};

@@ -25,7 +25,7 @@ use super::step::{StepValues, optimizer_step};
 use super::state::{self, TrainState};
 use crate::checkpoint::{load_backbone_with, save_adapter, save_backbone};
 use crate::data::{BatchSpec, CropBatch, CropLoader, FolderSource, ImageList, ImageSource, ProceduralSource, ProceduralDomain, contact_sheet};
-use crate::engine::{AttentionRequest, AttentionView, BatchPreview, Event, Flow, JobContext, SamplePreview};
+use crate::engine::{Phase, AttentionRequest, AttentionView, BatchPreview, Event, Flow, JobContext, SamplePreview};
 use crate::model::{Vit, VitConfig};
 use crate::objectives::{DinoModel, MaskedPatches, StepInputs};
 use crate::peft::{AdaptationPlan, apply_plan, merge_lora};
@@ -64,12 +64,7 @@ pub struct PretrainSummary {
 }
 
 fn load_base(config: &mut PretrainConfig, out: &Path, device: &Device, ctx: &mut JobContext) -> anyhow::Result<Vit> {
-    let arch = match &config.model.arch {
-        Some(name) => Some(VitConfig::preset(name).ok_or_else(|| {
-            anyhow::anyhow!("invalid run config: `model.arch` {name} is not a preset (tiny, vits14, vitb14, vitl14, vitg14, mae-vitb16, mae-vitl16, mae-vith14, `_reg` for registers)")
-        })?),
-        None => None,
-    };
+    let arch = config.arch_preset()?;
     if let Some(path) = &config.model.weights {
         let (model, report) = load_backbone_with(path, arch, device)?;
         ctx.info(format!("loaded {report}"));
@@ -161,29 +156,14 @@ impl Metrics {
     }
 }
 
-/// Runs (or resumes) the job; returns a short summary for the face to print.
-pub fn run(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> anyhow::Result<String> {
-    let summary = pretrain(job, device, ctx)?;
-    let out = job.out.display();
-    let what = if summary.stopped_early {
-        format!("stopped after step {}; continue with `explora --no-gui resume {out}`", summary.steps_done)
-    } else {
-        format!("pre-trained {} steps", summary.steps_done)
-    };
-    let knn = match (summary.knn_before, summary.knn_after) {
-        (Some(b), Some(a)) => format!("; k-NN top-1 {:.1}% → {:.1}%", 100.0 * b, 100.0 * a),
-        (None, Some(a)) => format!("; k-NN top-1 {:.1}%", 100.0 * a),
-        _ => String::new(),
-    };
-    Ok(format!(
-        "{what} ({} images, {:.1} img/s{knn}). Results in {out}: report.md, metrics.jsonl, backbone.safetensors, checkpoints/",
-        summary.images_seen, summary.images_per_second
-    ))
-}
 
 /// The run itself.
 pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> anyhow::Result<PretrainSummary> {
     let mut config = job.config.clone();
+    if !job.resume {
+        // Once, when the run is created: the config.toml written below then resumes from anywhere.
+        config.make_paths_absolute(&std::env::current_dir().context("reading the working directory")?);
+    }
     config.validate()?;
     let out = &job.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating run folder {}", out.display()))?;
@@ -202,25 +182,14 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     if summary_path.exists() {
         std::fs::remove_file(&summary_path).with_context(|| format!("removing {}", summary_path.display()))?;
     }
-    ctx.phase("loading the backbone", None);
+    ctx.phase(Phase::Loading, None);
     let ad = device.clone().autodiff();
     device.seed(config.run.seed);
     ad.seed(config.run.seed);
     let base = load_base(&mut config, out, &ad, ctx)?;
     let vit = base.config().clone();
     let patch = vit.patch_size;
-    for (field, size) in [("crops.global_size", config.crops.global_size), ("crops.local_size", config.crops.local_size)] {
-        if size as usize % patch != 0 {
-            anyhow::bail!("invalid run config: `{field}` {size} is not a multiple of the model's patch size {patch}");
-        }
-    }
-    if vit.family == crate::model::Family::Mae {
-        anyhow::bail!(
-            "{} is an MAE backbone: ExPLoRA continues a backbone with its own objective, and the MAE objective \
-             is not implemented yet; `explora pretrain` runs the DINOv2 objective on DINOv2 backbones",
-            vit.name
-        );
-    }
+    config.check_model(&vit)?;
     if !vit.mask_token && config.loss.ibot_weight > 0.0 {
         anyhow::bail!("invalid run config: `loss.ibot_weight` is > 0 but the backbone has no mask token (set it to 0)");
     }
@@ -302,7 +271,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         }
     }
 
-    ctx.phase("pre-training", Some(total));
+    ctx.phase(Phase::Pretraining, Some(total));
     ctx.progress(start, Some(total));
     let began = Instant::now();
     let mut last_checkpoint = previous.last().map(|(_, p)| p.clone());
@@ -411,7 +380,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         return Ok(summary);
     }
 
-    ctx.phase("exporting", None);
+    ctx.phase(Phase::Exporting, None);
     let teacher = merge_lora(state.teacher.backbone.clone());
     let backbone_path = out.join("backbone.safetensors");
     save_backbone(&teacher, &backbone_path)?;

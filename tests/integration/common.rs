@@ -74,6 +74,7 @@ pub fn small_config(steps: u64) -> PretrainConfig {
     c.optim.freeze_last_layer_steps = 1;
     c.loss.teacher_temp_warmup_steps = 5;
     c.monitor.knn_every = 0;
+    c.evaluate.after_training = false;
     c.run.steps = steps;
     c.run.checkpoint_every = 0;
     c.run.preview_every = 0;

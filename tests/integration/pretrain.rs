@@ -197,7 +197,7 @@ fn a_killed_run_resumes_where_it_stopped_and_a_stop_command_keeps_a_checkpoint()
     // finished step and the command that continues it.
     let job = PretrainJob { config, out: b.clone(), resume: false };
     let device = device();
-    let handle = engine::spawn("pretrain", move |ctx| explora::train::run(&job, &device, ctx));
+    let handle = engine::spawn("pretrain", move |ctx| explora::recipes::run::run(&job, &device, ctx));
     let mut finished = None;
     for event in handle.events.iter() {
         match event {
