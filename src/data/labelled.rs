@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use rand::rngs::Xoshiro256PlusPlus;
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
 
 use super::DataError;
 use super::folder::{ImageList, is_image_path};
@@ -110,23 +110,21 @@ impl LabelledSet {
         Ok(Self { items, classes: names, origin: root.to_path_buf() })
     }
 
-    /// A CSV manifest: one `path,label` row per image, an optional `path,label` header,
+    /// A CSV manifest (read with the `csv` crate: quoted fields may hold commas): one
+    /// `path,label` row per image, an optional `path,label` header, `#` comment lines,
     /// relative paths resolved against the manifest's folder. Every file must exist.
     pub fn manifest(csv: &Path, classes: Option<&[String]>) -> Result<Self, DataError> {
-        let text = fs::read_to_string(csv).map_err(|e| DataError::io(csv, e))?;
+        let bytes = fs::read(csv).map_err(|e| DataError::io(csv, e))?;
         let base = csv.parent().unwrap_or(Path::new("."));
+        let records = super::table::parse(&bytes, Some(b'#')).map_err(|e| invalid(format!("{}: {e}", csv.display())))?;
         let mut rows = Vec::new();
-        for (number, line) in text.lines().enumerate() {
-            let number = number + 1;
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let Some((path, label)) = line.rsplit_once(',') else {
+        for record in records {
+            let number = record.line;
+            let line = record.fields.join(",");
+            let (Some(path), Some(label), None) = (record.fields.first(), record.fields.get(1), record.fields.get(2)) else {
                 return Err(invalid(format!("{} line {number}: expected `path,label`, found `{line}`", csv.display())));
             };
-            let (path, label) = (path.trim().trim_matches('"'), label.trim().trim_matches('"'));
-            if number == 1 && path.eq_ignore_ascii_case("path") && label.eq_ignore_ascii_case("label") {
+            if rows.is_empty() && path.eq_ignore_ascii_case("path") && label.eq_ignore_ascii_case("label") {
                 continue;
             }
             if path.is_empty() || label.is_empty() {
@@ -247,9 +245,7 @@ impl Splits {
                 )));
             }
             let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ (class as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            for k in (1..indices.len()).rev() {
-                indices.swap(k, rng.random_range(0..=k));
-            }
+            super::rng::shuffle(&mut indices, &mut rng);
             if max_per_class > 0 {
                 indices.truncate(max_per_class.max(needed));
             }
@@ -283,12 +279,11 @@ impl Splits {
                 which[i] = Some(split);
             }
         }
-        let mut text = String::from("path,label,split\n");
-        for ((file, label), split) in set.items.iter().zip(which) {
-            if let Some(split) = split {
-                text.push_str(&format!("{},{},{split}\n", file.display(), set.classes[*label]));
-            }
-        }
+        let header = ["path".to_string(), "label".to_string(), "split".to_string()];
+        let rows = set.items.iter().zip(which).filter_map(|((file, label), split)| {
+            Some([file.to_string_lossy().into_owned(), set.classes[*label].clone(), split?.to_string()])
+        });
+        let text = super::table::write(std::iter::once(header).chain(rows));
         fs::write(path, text).map_err(|e| DataError::io(path, e))
     }
 }
@@ -336,14 +331,23 @@ mod tests {
     #[test]
     fn manifest_reads_relative_paths_and_names_bad_rows() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["a.png", "b.png", "sub/c.png"] {
+        for name in ["a.png", "b.png", "sub/c.png", "d, with a comma.png"] {
             write_png(&dir.path().join(name));
         }
         let csv = dir.path().join("labels.csv");
-        fs::write(&csv, "path,label\na.png,forest\nb.png,river\n\"sub/c.png\",forest\n").unwrap();
+        fs::write(&csv, "path,label\na.png,forest\nb.png,river\n# a comment\n\"sub/c.png\",forest\n\"d, with a comma.png\",river\n").unwrap();
         let set = LabelledSet::open(&csv, None).unwrap();
         assert_eq!(set.classes, ["forest", "river"]);
         assert_eq!(set.items[2], (dir.path().join("sub/c.png"), 0));
+        assert_eq!(set.items[3], (dir.path().join("d, with a comma.png"), 1));
+        // Written splits quote such paths, and read back as a manifest they name the same files.
+        let splits = Splits { train: vec![0, 1, 2, 3], val: vec![], test: vec![] };
+        let saved = dir.path().join("splits.csv");
+        splits.save(&set, &saved).unwrap();
+        let text = fs::read_to_string(&saved).unwrap();
+        assert!(text.contains("d, with a comma.png\",river,train"), "{text}");
+        let records = crate::data::table::parse(text.as_bytes(), None).unwrap();
+        assert_eq!(records[4].fields[0], dir.path().join("d, with a comma.png").to_string_lossy());
 
         let given = ["forest".to_string(), "sea".to_string()];
         let err = LabelledSet::open(&csv, Some(&given)).unwrap_err().to_string();

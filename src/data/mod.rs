@@ -6,6 +6,8 @@ pub mod labelled;
 pub mod multicrop;
 pub mod preprocess;
 pub mod procedural;
+pub mod rng;
+pub mod table;
 
 use std::path::PathBuf;
 

@@ -48,6 +48,7 @@ use rayon::prelude::*;
 use super::DataError;
 use super::folder::{ImageList, decode_rgb};
 use super::preprocess::normalize_chw;
+use super::rng::{mix64, shuffle};
 use crate::fields::FieldError;
 use super::procedural::ProceduralDomain;
 
@@ -310,13 +311,6 @@ impl BatchSpec {
 // ---------------------------------------------------------------------------------------------
 // Random helpers.
 
-/// SplitMix64 finaliser: a good 64-bit mixer for deriving seeds.
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 // Independent streams derived from the one seed.
 const STREAM_ORDER: u64 = 0x0DE5_0F0E_90C8_5EED;
@@ -339,12 +333,6 @@ fn chance(rng: &mut Xoshiro256PlusPlus, p: f32) -> bool {
     rng.random::<f32>() < p
 }
 
-fn shuffle<T>(items: &mut [T], rng: &mut Xoshiro256PlusPlus) {
-    for k in (1..items.len()).rev() {
-        let j = rng.random_range(0..=k);
-        items.swap(k, j);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Augmentation.

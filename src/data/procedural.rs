@@ -74,13 +74,7 @@ impl std::fmt::Display for SceneClass {
 // (no libm calls, table lookups instead of per-pixel hashing) so that a 64×64 tile takes a
 // small fraction of a millisecond.
 
-/// SplitMix64 finaliser: a good 64-bit mixer for deriving seeds.
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use super::rng::mix64;
 
 #[inline]
 fn hash2(x: i32, y: i32, seed: u32) -> u32 {

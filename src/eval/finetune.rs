@@ -15,7 +15,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::rngs::Xoshiro256PlusPlus;
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -158,9 +158,7 @@ fn batches(
     std::thread::spawn(move || {
         let mut order: Vec<usize> = (0..items.len()).collect();
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
-        for k in (1..order.len()).rev() {
-            order.swap(k, rng.random_range(0..=k));
-        }
+        crate::data::rng::shuffle(&mut order, &mut rng);
         for (b, chunk) in order.chunks(batch).enumerate() {
             let views: Vec<Result<(Vec<f32>, i64), (PathBuf, String)>> = chunk
                 .par_iter()

@@ -6,7 +6,7 @@
 //! never runs again).
 
 use rand::rngs::Xoshiro256PlusPlus;
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -165,9 +165,7 @@ fn sgd(base: &LinearProbe, x: &[Vec<f32>], labels: &[usize], config: &ProbeConfi
     let mut grad_w = vec![0f32; classes * dim];
     let mut grad_b = vec![0f32; classes];
     for _ in 0..config.epochs {
-        for k in (1..order.len()).rev() {
-            order.swap(k, rng.random_range(0..=k));
-        }
+        crate::data::rng::shuffle(&mut order, &mut rng);
         for batch in order.chunks(config.batch) {
             grad_w.iter_mut().for_each(|g| *g = 0.0);
             grad_b.iter_mut().for_each(|g| *g = 0.0);
@@ -208,6 +206,7 @@ mod tests {
     /// Gaussian-ish blobs in `dim` dimensions, one per class, with an offset and a scale that
     /// standardisation must undo.
     fn blobs(classes: usize, per_class: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
+        use rand::RngExt;
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         let centres: Vec<Vec<f32>> = (0..classes)
             .map(|c| (0..dim).map(|d| if d % classes == c { 3.0 } else { 0.0 }).collect())

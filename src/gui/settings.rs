@@ -1,7 +1,8 @@
 //! What the app remembers between launches: the last run config (the same TOML the headless
 //! mode reads, under `[config]`), the adapter and the open panel, in a small TOML file in the
-//! user's config folder (`$XDG_CONFIG_HOME/explora/app.toml`, `~/.config/explora/app.toml`,
-//! `%APPDATA%\explora\app.toml`; `EXPLORA_APP_SETTINGS` overrides the path). A file that does
+//! user's config folder (`$XDG_CONFIG_HOME/explora/app.toml` or `~/.config/explora/app.toml`
+//! on Linux, `~/Library/Application Support/explora/app.toml` on macOS,
+//! `%APPDATA%\explora\config\app.toml` on Windows; `EXPLORA_APP_SETTINGS` overrides the path). A file that does
 //! not parse is ignored (the built-in defaults are used).
 
 use std::path::PathBuf;
@@ -23,21 +24,13 @@ pub struct Settings {
     pub config: Option<PretrainConfig>,
 }
 
-/// Where the settings live.
+/// Where the settings live: `EXPLORA_APP_SETTINGS`, else the platform's config folder for
+/// explora (the `directories` crate).
 pub fn path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("EXPLORA_APP_SETTINGS") {
         return Some(PathBuf::from(p));
     }
-    let base = if cfg!(target_os = "windows") {
-        std::env::var_os("APPDATA").map(PathBuf::from)
-    } else if cfg!(target_os = "macos") {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join("Library/Application Support"))
-    } else {
-        std::env::var_os("XDG_CONFIG_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-    };
-    base.map(|b| b.join("explora").join("app.toml"))
+    directories::ProjectDirs::from("", "", "explora").map(|dirs| dirs.config_dir().join("app.toml"))
 }
 
 impl Settings {

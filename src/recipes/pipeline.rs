@@ -302,20 +302,25 @@ fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 /// The cache key of a feature file: the weights file (path, size, modification time), the
-/// input size and the images.
+/// input size and the images (a SHA-256 of the paths and labels, the same with every Rust
+/// release, so caches survive an upgrade).
 fn cache_key(weights: &Path, size: u32, items: &[(PathBuf, usize)]) -> String {
-    use std::hash::{Hash, Hasher};
+    use sha2::{Digest, Sha256};
     let meta = std::fs::metadata(weights).ok();
     let modified = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    items.hash(&mut h);
+    let mut h = Sha256::new();
+    for (path, label) in items {
+        h.update(path.to_string_lossy().as_bytes());
+        h.update([0]);
+        h.update((*label as u64).to_le_bytes());
+    }
+    let digest: String = h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect();
     format!(
-        "{}|{}|{:?}|size={size}|n={}|{:016x}",
+        "{}|{}|{:?}|size={size}|n={}|{digest}",
         weights.display(),
         meta.map_or(0, |m| m.len()),
         modified,
         items.len(),
-        h.finish()
     )
 }
 
@@ -623,24 +628,23 @@ fn gib(bytes: Option<u64>) -> String {
     bytes.map_or("n/a".into(), |b| format!("{:.2}", b as f64 / (1u64 << 30) as f64))
 }
 
-fn report_csv(s: &PipelineSummary) -> String {
-    let mut text = String::from("variant,method,top1,top5,macro_f1,pretrain_trainable,eval_trainable,images_seen,seconds,peak_gpu_gib\n");
-    for r in &s.rows {
-        text.push_str(&format!(
-            "{},{},{:.4},{:.4},{:.4},{},{},{},{:.1},{}\n",
-            r.variant,
-            r.method,
-            r.top1,
-            r.top5,
-            r.macro_f1,
-            r.pretrain_trainable,
-            r.eval_trainable,
-            r.images_seen,
-            r.seconds,
-            gib(r.peak_gpu_bytes)
-        ));
-    }
-    text
+fn report_csv(s: &PipelineSummary) -> Vec<u8> {
+    let header = ["variant", "method", "top1", "top5", "macro_f1", "pretrain_trainable", "eval_trainable", "images_seen", "seconds", "peak_gpu_gib"];
+    let rows = s.rows.iter().map(|r| {
+        [
+            r.variant.clone(),
+            r.method.clone(),
+            format!("{:.4}", r.top1),
+            format!("{:.4}", r.top5),
+            format!("{:.4}", r.macro_f1),
+            r.pretrain_trainable.to_string(),
+            r.eval_trainable.to_string(),
+            r.images_seen.to_string(),
+            format!("{:.1}", r.seconds),
+            gib(r.peak_gpu_bytes),
+        ]
+    });
+    crate::data::table::write(std::iter::once(header.map(String::from)).chain(rows))
 }
 
 fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &LabelledSet, pre: &PretrainConfig, pre_data: &str) -> String {

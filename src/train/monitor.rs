@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::rngs::Xoshiro256PlusPlus;
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
 
 use crate::data::{ImageList, Preprocess, ProceduralDomain, decode_rgb};
 use crate::inspect::{KnnConfig, leave_one_out_scores, top1};
@@ -40,9 +40,7 @@ impl KnnSet {
         }
         let mut items = list.items.clone();
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-        for i in (1..items.len()).rev() {
-            items.swap(i, rng.random_range(0..=i));
-        }
+        crate::data::rng::shuffle(&mut items, &mut rng);
         items.truncate(max);
         let pre = Preprocess::new(size);
         let (mut images, mut labels, mut skipped) = (Vec::new(), Vec::new(), 0);
