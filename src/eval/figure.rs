@@ -1,22 +1,19 @@
 //! Labelled figures (confusion matrix, line chart) drawn into [`RgbImage`]s,
-//! with text rendered by egui's own font stack (`egui::epaint`), so no extra font crate is needed.
+//! with text rasterised by `ab_glyph` from the font file egui ships (no window, no egui).
 //! Everything is clipped to the image: no input makes these functions panic.
 
-use egui::epaint::text::{FontDefinitions, FontId, Fonts, Galley, TextOptions, ViewportKey};
-use egui::epaint::{Color32, FontColorTransferFunction};
+use ab_glyph::{Font, FontRef, GlyphId, PxScale, ScaleFont, point};
 use image::{Rgb, RgbImage};
-use std::sync::Arc;
 
 const WHITE: [u8; 3] = [255, 255, 255];
 const BLACK: [u8; 3] = [0, 0, 0];
 const GREY: [u8; 3] = [90, 90, 90];
 const LIGHT: [u8; 3] = [225, 225, 225];
 
-/// Text drawn with egui's default proportional font (Ubuntu-Light), alpha-blended.
+/// Text drawn with the Ubuntu-Light font (the file egui ships, rasterised here by `ab_glyph`),
+/// alpha-blended.
 pub struct Painter {
-    fonts: Fonts,
-    options: TextOptions,
-    calls: u32,
+    font: FontRef<'static>,
 }
 
 impl Default for Painter {
@@ -25,27 +22,38 @@ impl Default for Painter {
     }
 }
 
+/// One glyph placed on a line whose top is y = 0.
+struct Placed {
+    id: GlyphId,
+    x: f32,
+}
+
 impl Painter {
-    /// Loads egui's default fonts (somewhat expensive: create one and reuse it).
     pub fn new() -> Self {
-        let options = TextOptions {
-            color_transfer_function: FontColorTransferFunction::Gamma(0.8),
-            subpixel_binning: false,
-            ..TextOptions::default()
-        };
-        Self { fonts: Fonts::new(options, FontDefinitions::default()), options, calls: 0 }
+        Self { font: FontRef::try_from_slice(epaint_default_fonts::UBUNTU_LIGHT).expect("the shipped font parses") }
     }
 
-    fn layout(&mut self, text: &str, size: f32) -> Arc<Galley> {
+    fn scale(size: f32) -> PxScale {
         let size = if size.is_finite() { size.clamp(1.0, 256.0) } else { 14.0 };
-        // A new "pass" now and then trims the galley cache, and clears the glyph atlas when it is 80% full
-        // (that also drops all cached galleys, so the galley drawn next is always valid).
-        self.calls = self.calls.wrapping_add(1);
-        if self.calls % 256 == 1 || self.fonts.font_atlas_fill_ratio() > 0.5 {
-            self.fonts.begin_pass(self.options, ViewportKey::default());
+        PxScale::from(size * 1.2)
+    }
+
+    /// Glyphs of `text` on one line (with kerning) and the line's width.
+    fn layout(&self, text: &str, size: f32) -> (Vec<Placed>, f32) {
+        let font = self.font.as_scaled(Self::scale(size));
+        let mut caret = 0.0;
+        let mut previous: Option<GlyphId> = None;
+        let mut glyphs = Vec::with_capacity(text.len());
+        for c in text.chars().filter(|c| !c.is_control()) {
+            let id = font.glyph_id(c);
+            if let Some(p) = previous {
+                caret += font.kern(p, id);
+            }
+            glyphs.push(Placed { id, x: caret });
+            caret += font.h_advance(id);
+            previous = Some(id);
         }
-        let mut view = self.fonts.with_pixels_per_point(1.0);
-        view.layout_no_wrap(text.to_owned(), FontId::proportional(size), Color32::WHITE)
+        (glyphs, caret)
     }
 
     /// Draws `text` with its top-left at (x, y), `size` px high, in `color`; returns the drawn width in px.
@@ -61,8 +69,9 @@ impl Painter {
 
     /// (width, height) in px of `text` laid out at `size` (height = line height).
     pub fn measure(&mut self, text: &str, size: f32) -> (u32, u32) {
-        let s = self.layout(text, size).size();
-        (s.x.ceil().max(0.0) as u32, s.y.ceil().max(0.0) as u32)
+        let (_, width) = self.layout(text, size);
+        let height = self.font.as_scaled(Self::scale(size)).height();
+        (width.ceil().max(0.0) as u32, height.ceil().max(0.0) as u32)
     }
 
     /// Shortens `text` with "…" until it is at most `max_w` px wide.
@@ -79,29 +88,22 @@ impl Painter {
 
     #[allow(clippy::too_many_arguments)]
     fn draw(&mut self, img: &mut RgbImage, x: i32, y: i32, text: &str, size: f32, color: [u8; 3], vertical: bool) -> u32 {
-        let galley = self.layout(text, size);
-        let atlas = self.fonts.texture_atlas().image();
-        let aw = atlas.size[0];
-        let first = galley.rows.first().and_then(|r| r.glyphs.first().map(|g| r.pos.y + g.pos.y));
-        let baseline = first.unwrap_or(0.0).round() as i64;
+        let scale = Self::scale(size);
+        let ascent = self.font.as_scaled(scale).ascent();
+        let baseline = ascent.round() as i64;
+        let (glyphs, width) = self.layout(text, size);
         let (x, y) = (x as i64, y as i64);
-        for row in &galley.rows {
-            for g in &row.glyphs {
-                let uv = g.uv_rect;
-                if uv.is_nothing() { continue; }
-                let lx = (row.pos.x + g.pos.x + uv.offset.x).round() as i64;
-                let ly = (row.pos.y + g.pos.y + uv.offset.y).round() as i64;
-                for v in uv.min[1]..uv.max[1] {
-                    for u in uv.min[0]..uv.max[0] {
-                        let a = atlas.pixels.get(v as usize * aw + u as usize).map_or(0, |c| c.a());
-                        let (gx, gy) = (lx + (u - uv.min[0]) as i64, ly + (v - uv.min[1]) as i64);
-                        let (px, py) = if vertical { (x + gy - baseline, y - gx - 1) } else { (x + gx, y + gy) };
-                        blend(img, px, py, color, a as f32 / 255.0);
-                    }
-                }
-            }
+        for g in glyphs {
+            let Some(outline) = self.font.outline_glyph(g.id.with_scale_and_position(scale, point(g.x, ascent))) else { continue };
+            let bounds = outline.px_bounds();
+            let (left, top) = (bounds.min.x.round() as i64, bounds.min.y.round() as i64);
+            outline.draw(|u, v, coverage| {
+                let (gx, gy) = (left + u as i64, top + v as i64);
+                let (px, py) = if vertical { (x + gy - baseline, y - gx - 1) } else { (x + gx, y + gy) };
+                blend(img, px, py, color, coverage);
+            });
         }
-        galley.size().x.ceil().max(0.0) as u32
+        width.ceil().max(0.0) as u32
     }
 }
 
