@@ -58,9 +58,7 @@ impl FromStr for DeviceChoice {
         let s = s.trim().to_ascii_lowercase();
         let (kind, index) = match s.split_once(':') {
             Some((kind, index)) => {
-                let index = index
-                    .parse::<usize>()
-                    .map_err(|_| format!("device index `{index}` is not a number"))?;
+                let index = index.parse::<usize>().map_err(|_| format!("device index `{index}` is not a number"))?;
                 (kind.to_string(), index)
             }
             None => (s.clone(), 0),
@@ -77,7 +75,6 @@ impl FromStr for DeviceChoice {
             }
         })
     }
-
 }
 
 impl std::fmt::Display for DeviceChoice {
@@ -91,7 +88,6 @@ impl std::fmt::Display for DeviceChoice {
             DeviceChoice::Software => write!(f, "software"),
         }
     }
-
 }
 
 impl DeviceChoice {
@@ -119,16 +115,12 @@ impl DeviceChoice {
             .and_then(|a| a.selector.parse().ok())
             .unwrap_or(DeviceChoice::Cpu)
     }
-
 }
 
 /// No usable adapter, with what was tried and what to install.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error(
-        "no GPU adapter found (wgpu tried Vulkan, Metal and DX12). {}",
-        install_hint()
-    )]
+    #[error("no GPU adapter found (wgpu tried Vulkan, Metal and DX12). {}", install_hint())]
     NoAdapter,
     #[error("no adapter matches --device {choice}; available: {available}. Run `explora info` to list them")]
     NoMatch { choice: DeviceChoice, available: String },
@@ -151,7 +143,6 @@ fn install_hint() -> &'static str {
     } else {
         "Install a Vulkan, Metal or DX12 driver"
     }
-
 }
 
 fn type_name(t: wgpu::DeviceType) -> &'static str {
@@ -162,7 +153,6 @@ fn type_name(t: wgpu::DeviceType) -> &'static str {
         wgpu::DeviceType::Cpu => "cpu",
         wgpu::DeviceType::Other => "other",
     }
-
 }
 
 /// Every compute-capable adapter wgpu can see on the primary APIs (Vulkan, Metal, DX12; burn's
@@ -266,10 +256,7 @@ pub fn describe(device: &Device) -> String {
     if is_native_cpu(device) {
         return format!("CPU (burn-flex, {} threads)", cpu_threads());
     }
-    device
-        .identity()
-        .map(|id| id.name)
-        .unwrap_or_else(|| format!("{device:?}"))
+    device.identity().map(|id| id.name).unwrap_or_else(|| format!("{device:?}"))
 }
 
 /// Whether `device` is a software rasteriser (Mesa's lavapipe/llvmpipe, SwiftShader, WARP):

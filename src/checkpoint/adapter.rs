@@ -39,12 +39,10 @@ pub fn load_adapter(base: Vit, path: &Path) -> Result<(Vit, AdaptationPlan), Che
     if meta.get("format").map(String::as_str) != Some(ADAPTER_FORMAT) {
         return Err(bad(format!("not an explora adapter file (format {:?})", meta.get("format"))));
     }
-    let plan: AdaptationPlan =
-        serde_json::from_str(meta.get("plan").ok_or_else(|| bad("no plan in the metadata".into()))?)
-            .map_err(|e| bad(format!("its plan does not parse: {e}")))?;
-    let made_for: VitConfig =
-        serde_json::from_str(meta.get("base_config").ok_or_else(|| bad("no base config in the metadata".into()))?)
-            .map_err(|e| bad(format!("its base config does not parse: {e}")))?;
+    let plan: AdaptationPlan = serde_json::from_str(meta.get("plan").ok_or_else(|| bad("no plan in the metadata".into()))?)
+        .map_err(|e| bad(format!("its plan does not parse: {e}")))?;
+    let made_for: VitConfig = serde_json::from_str(meta.get("base_config").ok_or_else(|| bad("no base config in the metadata".into()))?)
+        .map_err(|e| bad(format!("its base config does not parse: {e}")))?;
     let have = base.config();
     let same = (made_for.embed_dim, made_for.depth, made_for.patch_size, made_for.swiglu, made_for.num_registers)
         == (have.embed_dim, have.depth, have.patch_size, have.swiglu, have.num_registers);

@@ -43,10 +43,7 @@ const WRAPPERS: [&str; 7] = ["model.", "module.", "teacher.backbone.", "student.
 pub fn strip_wrappers(map: TensorMap) -> TensorMap {
     let mut map = map;
     loop {
-        let Some(prefix) = WRAPPERS
-            .iter()
-            .find(|p| !map.is_empty() && map.keys().all(|k| k.starts_with(*p)))
-        else {
+        let Some(prefix) = WRAPPERS.iter().find(|p| !map.is_empty() && map.keys().all(|k| k.starts_with(*p))) else {
             return map;
         };
         map = map.into_iter().map(|(k, v)| (k[prefix.len()..].to_string(), v)).collect();
@@ -62,11 +59,7 @@ pub fn detect(map: &TensorMap, explora_metadata: bool) -> Option<Layout> {
     if has("encoder.layer.") && has("embeddings.") {
         Some(Layout::HfDinov2)
     } else if has("blocks.") && map.contains_key("cls_token") {
-        if has(".ls1.gamma") || has("register_tokens") {
-            Some(Layout::MetaDinov2)
-        } else {
-            Some(Layout::Mae)
-        }
+        if has(".ls1.gamma") || has("register_tokens") { Some(Layout::MetaDinov2) } else { Some(Layout::Mae) }
     } else {
         None
     }
@@ -116,8 +109,13 @@ pub struct Canonical {
 pub fn to_canonical(map: TensorMap, layout: Layout) -> Canonical {
     let mut out = Canonical::default();
     let is_backbone_key = |k: &str| {
-        k == "cls_token" || k == "pos_embed" || k == "mask_token" || k == "register_tokens"
-            || k.starts_with("patch_embed.") || k.starts_with("blocks.") || k.starts_with("norm.")
+        k == "cls_token"
+            || k == "pos_embed"
+            || k == "mask_token"
+            || k == "register_tokens"
+            || k.starts_with("patch_embed.")
+            || k.starts_with("blocks.")
+            || k.starts_with("norm.")
     };
     for (key, tensor) in map {
         if IGNORED.is_match(&key) || (layout == Layout::Mae && key == "mask_token") {
@@ -125,10 +123,7 @@ pub fn to_canonical(map: TensorMap, layout: Layout) -> Canonical {
             continue;
         }
         let renamed = match layout {
-            Layout::HfDinov2 => HF_RENAMES
-                .iter()
-                .find(|(re, _)| re.is_match(&key))
-                .map(|(re, rep)| re.replace(&key, *rep).into_owned()),
+            Layout::HfDinov2 => HF_RENAMES.iter().find(|(re, _)| re.is_match(&key)).map(|(re, rep)| re.replace(&key, *rep).into_owned()),
             Layout::MetaDinov2 | Layout::Mae | Layout::Explora => is_backbone_key(&key).then(|| key.clone()),
         };
         match renamed {

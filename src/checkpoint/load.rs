@@ -151,12 +151,8 @@ pub fn infer_config(
         .map(|m| m + 1)
         .ok_or_else(|| fail("no transformer blocks".into()))?;
     let swiglu = tensors.contains_key("blocks.0.mlp.w12.weight");
-    let hidden = if swiglu {
-        shape("blocks.0.mlp.w3.weight").map(|s| s[1])
-    } else {
-        shape("blocks.0.mlp.fc1.weight").map(|s| s[0])
-    }
-    .ok_or_else(|| fail("no MLP weights in block 0".into()))?;
+    let hidden = if swiglu { shape("blocks.0.mlp.w3.weight").map(|s| s[1]) } else { shape("blocks.0.mlp.fc1.weight").map(|s| s[0]) }
+        .ok_or_else(|| fail("no MLP weights in block 0".into()))?;
     let layer_scale = tensors.contains_key("blocks.0.ls1.gamma");
     let family = if layer_scale || layout == Layout::HfDinov2 { Family::Dinov2 } else { Family::Mae };
     let num_registers = shape("register_tokens").map(|s| s[1]).unwrap_or(0);
@@ -169,9 +165,7 @@ pub fn infer_config(
             1024 | 1280 => 16,
             1536 => 24,
             d => {
-                return Err(fail(format!(
-                    "width {d} is not a published ViT width, so the number of heads is unknown"
-                )));
+                return Err(fail(format!("width {d} is not a published ViT width, so the number of heads is unknown")));
             }
         },
     };
@@ -219,11 +213,7 @@ pub fn load_backbone(path: &Path, device: &Device) -> Result<(Vit, LoadReport), 
 }
 
 /// Loads a backbone; `config` overrides the inferred architecture (shapes are still checked).
-pub fn load_backbone_with(
-    path: &Path,
-    config: Option<VitConfig>,
-    device: &Device,
-) -> Result<(Vit, LoadReport), CheckpointError> {
+pub fn load_backbone_with(path: &Path, config: Option<VitConfig>, device: &Device) -> Result<(Vit, LoadReport), CheckpointError> {
     let (map, metadata) = raw::read_any(path)?;
     let map = layout::strip_wrappers(map);
     let own = metadata.get("format").map(String::as_str) == Some(EXPLORA_FORMAT);
@@ -254,18 +244,12 @@ pub fn load_backbone_with(
             infer_config(&canonical.tensors, layout, hf_config.as_ref(), path)?
         }
     };
-    config.validate().map_err(|e| CheckpointError::Architecture {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    config.validate().map_err(|e| CheckpointError::Architecture { path: path.to_path_buf(), reason: e.to_string() })?;
     let mut model = config.init(device);
 
     // The model's expected tensors, by parameter path.
-    let expected: Vec<(String, Vec<usize>)> = model
-        .collect(None, None, false)
-        .into_iter()
-        .map(|t| (t.name.clone(), t.shape.to_vec()))
-        .collect();
+    let expected: Vec<(String, Vec<usize>)> =
+        model.collect(None, None, false).into_iter().map(|t| (t.name.clone(), t.shape.to_vec())).collect();
     let mut report = LoadReport {
         path: path.to_path_buf(),
         layout,
@@ -297,13 +281,7 @@ pub fn load_backbone_with(
             None if name == "mask_token" => report.initialised.push(name.clone()),
             None => report.missing.push(name.clone()),
             Some(t) if t.shape != *shape => report.mismatched.push((name.clone(), shape.clone(), t.shape)),
-            Some(t) => pack.push(PackTensor::new(
-                name.clone(),
-                DType::F32,
-                t.shape.clone(),
-                None,
-                Bytes::from_elems(t.data),
-            )),
+            Some(t) => pack.push(PackTensor::new(name.clone(), DType::F32, t.shape.clone(), None, Bytes::from_elems(t.data))),
         }
     }
     if !report.is_complete() {
@@ -321,9 +299,7 @@ pub fn load_backbone_with(
 /// Reads a collected model tensor back to the host as f32.
 pub(crate) fn raw_from_pack(tensor: &PackTensor) -> Result<RawTensor, CheckpointError> {
     let name = &tensor.name;
-    let bytes = tensor
-        .to_bytes()
-        .map_err(|e| CheckpointError::Unsupported(format!("cannot read parameter {name}: {e:?}")))?;
+    let bytes = tensor.to_bytes().map_err(|e| CheckpointError::Unsupported(format!("cannot read parameter {name}: {e:?}")))?;
     match tensor.dtype {
         DType::F32 => Ok(RawTensor::new(tensor.shape.to_vec(), bytemuck::pod_collect_to_vec(&bytes[..]))),
         other => Err(CheckpointError::Unsupported(format!("parameter {name} has dtype {other:?}"))),

@@ -12,10 +12,12 @@ use std::path::PathBuf;
 pub use adapter::{ADAPTER_FORMAT, load_adapter, save_adapter};
 pub use layout::{Canonical, Layout, canonical_to_hf, detect, strip_wrappers, to_canonical};
 pub use load::{
-    EXPLORA_FORMAT, LoadReport, canonical_from_model, infer_config, load_backbone, load_backbone_with,
-    save_backbone, save_backbone_hf, save_backbone_meta,
+    EXPLORA_FORMAT, LoadReport, canonical_from_model, infer_config, load_backbone, load_backbone_with, save_backbone, save_backbone_hf,
+    save_backbone_meta,
 };
-pub use raw::{Metadata, RawTensor, TensorMap, atomic_write, fault, is_disk_full, read_any, read_pytorch, read_safetensors, write_safetensors};
+pub use raw::{
+    Metadata, RawTensor, TensorMap, atomic_write, fault, is_disk_full, read_any, read_pytorch, read_safetensors, write_safetensors,
+};
 
 /// Why a checkpoint could not be used. Every variant names the file or keys at fault.
 #[derive(Debug, thiserror::Error)]

@@ -60,9 +60,7 @@ fn to_f32(bytes: &[u8], dtype: &str, name: &str) -> Result<Vec<f32>, CheckpointE
         "F32" => chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         "F16" => chunks(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         "BF16" => chunks(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        "F64" => chunks(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-            .collect(),
+        "F64" => chunks(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(),
         other => {
             return Err(CheckpointError::Unsupported(format!(
                 "tensor `{name}` has element type {other}; only floating-point weights are supported"
@@ -79,11 +77,8 @@ pub fn read_safetensors(path: &Path) -> Result<(TensorMap, Metadata), Checkpoint
     };
     let corrupt = |reason: String| CheckpointError::Corrupt { path: path.to_path_buf(), reason };
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
-    let metadata: Metadata = header
-        .metadata()
-        .as_ref()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default();
+    let metadata: Metadata =
+        header.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let mut map = TensorMap::new();
     for (name, view) in tensors.tensors() {
@@ -98,10 +93,7 @@ pub fn read_safetensors(path: &Path) -> Result<(TensorMap, Metadata), Checkpoint
 /// dotted names (`model.blocks.0.attn.qkv.weight` for an MAE file).
 pub fn read_pytorch(path: &Path) -> Result<TensorMap, CheckpointError> {
     use burn::store::pytorch_reader::{DType, PytorchReader};
-    let reader = PytorchReader::new(path).map_err(|e| CheckpointError::Corrupt {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let reader = PytorchReader::new(path).map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
     let mut map = TensorMap::new();
     for (name, tensor) in reader.into_tensors() {
         let dtype = match tensor.dtype() {
@@ -112,10 +104,7 @@ pub fn read_pytorch(path: &Path) -> Result<TensorMap, CheckpointError> {
             // Integer buffers (e.g. a step counter) are not weights: skip them.
             _ => continue,
         };
-        let bytes = tensor.read().map_err(|e| CheckpointError::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let bytes = tensor.read().map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
         let data = to_f32(&bytes, dtype, &name)?;
         map.insert(name, RawTensor::new(tensor.shape().to_vec(), data));
     }
@@ -136,19 +125,12 @@ pub fn read_any(path: &Path) -> Result<(TensorMap, Metadata), CheckpointError> {
         let mut file = std::fs::File::open(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
         let n = file.read(&mut head).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
         if n < 8 {
-            return Err(CheckpointError::Corrupt {
-                path: path.to_path_buf(),
-                reason: format!("file is only {n} bytes long"),
-            });
+            return Err(CheckpointError::Corrupt { path: path.to_path_buf(), reason: format!("file is only {n} bytes long") });
         }
     }
     let is_zip = head.starts_with(b"PK\x03\x04");
     let is_pickle = head[0] == 0x80 && head[1] <= 5;
-    if is_zip || is_pickle {
-        Ok((read_pytorch(path)?, Metadata::new()))
-    } else {
-        read_safetensors(path)
-    }
+    if is_zip || is_pickle { Ok((read_pytorch(path)?, Metadata::new())) } else { read_safetensors(path) }
 }
 
 /// Writes tensors (and string metadata) to a safetensors file atomically: a temporary file in
@@ -157,20 +139,14 @@ pub fn write_safetensors(path: &Path, tensors: &TensorMap, metadata: &Metadata) 
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(name, t)| {
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                t.shape.clone(),
-                bytemuck::cast_slice(&t.data),
-            )
-            .expect("shape matches data");
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), bytemuck::cast_slice(&t.data))
+                .expect("shape matches data");
             (name.clone(), view)
         })
         .collect();
     let meta = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
-    let bytes = safetensors::serialize(views, meta).map_err(|e| CheckpointError::Corrupt {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let bytes =
+        safetensors::serialize(views, meta).map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
     atomic_write(path, &bytes)
 }
 

@@ -13,10 +13,10 @@ use crate::checkpoint::load_backbone_with;
 use crate::data::{ImageList, Preprocess, decode_rgb};
 use crate::device::{self, DeviceChoice};
 use crate::engine;
-use crate::recipes::default_run::DefaultRun;
 use crate::eval::embed;
 use crate::inspect::{attention, images_tensor};
 use crate::model::VitConfig;
+use crate::recipes::default_run::DefaultRun;
 use crate::train::{PretrainConfig, PretrainJob};
 
 #[derive(Parser, Debug)]
@@ -432,11 +432,8 @@ fn pipeline_cmd(choice: &DeviceChoice, args: PipelineArgs) -> anyhow::Result<()>
         if summary.stopped {
             return Ok(format!("stopped; run the same command with --out {} to continue", out.display()));
         }
-        let lines: Vec<String> = summary
-            .rows
-            .iter()
-            .map(|r| format!("  {:<8} {:<13} top-1 {:5.1}%", r.variant, r.method, 100.0 * r.top1))
-            .collect();
+        let lines: Vec<String> =
+            summary.rows.iter().map(|r| format!("  {:<8} {:<13} top-1 {:5.1}%", r.variant, r.method, 100.0 * r.top1)).collect();
         let deltas: Vec<String> = summary.deltas().iter().map(|d| format!("  {}", d.describe())).collect();
         Ok(format!(
             "{}\nSource → ExPLoRA:\n{}\nResults in {}: report.md, report.csv, eval/*/confusion.png",
@@ -713,7 +710,6 @@ fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
-
 
 fn write_png(image: &image::RgbImage, path: &Path) -> anyhow::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {

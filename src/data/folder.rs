@@ -27,24 +27,16 @@ pub struct ImageList {
 
 /// Whether `path` has one of the recognised image extensions (case-insensitive).
 pub fn is_image_path(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 fn is_hidden(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with('.'))
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }
 
 /// Collects image files under `dir` into `out`. Symlinks are followed, but every directory is
 /// visited once (by canonical path), so symlink loops terminate. Hidden entries are skipped.
-fn walk(
-    dir: &Path,
-    visited: &mut HashSet<PathBuf>,
-    out: &mut Vec<PathBuf>,
-) -> Result<(), DataError> {
+fn walk(dir: &Path, visited: &mut HashSet<PathBuf>, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
     let canonical = fs::canonicalize(dir).map_err(|e| DataError::io(dir, e))?;
     if !visited.insert(canonical) {
         return Ok(());
@@ -79,9 +71,7 @@ impl ImageList {
         let meta = match fs::metadata(root) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(DataError::NotFound {
-                    path: root.to_path_buf(),
-                });
+                return Err(DataError::NotFound { path: root.to_path_buf() });
             }
             Err(e) => return Err(DataError::io(root, e)),
         };
@@ -89,24 +79,17 @@ impl ImageList {
             if is_image_path(root) {
                 return Ok(ImageList {
                     root: root.to_path_buf(),
-                    items: vec![ImageItem {
-                        path: root.to_path_buf(),
-                        label: None,
-                    }],
+                    items: vec![ImageItem { path: root.to_path_buf(), label: None }],
                     classes: Vec::new(),
                 });
             }
-            return Err(DataError::NoImages {
-                path: root.to_path_buf(),
-            });
+            return Err(DataError::NoImages { path: root.to_path_buf() });
         }
 
         let mut paths = Vec::new();
         walk(root, &mut HashSet::new(), &mut paths)?;
         if paths.is_empty() {
-            return Err(DataError::NoImages {
-                path: root.to_path_buf(),
-            });
+            return Err(DataError::NoImages { path: root.to_path_buf() });
         }
         paths.sort();
         paths.dedup();
@@ -136,18 +119,11 @@ impl ImageList {
                 .collect();
             (classes, items)
         } else {
-            let items = paths
-                .into_iter()
-                .map(|path| ImageItem { path, label: None })
-                .collect();
+            let items = paths.into_iter().map(|path| ImageItem { path, label: None }).collect();
             (Vec::new(), items)
         };
 
-        Ok(ImageList {
-            root: root.to_path_buf(),
-            items,
-            classes,
-        })
+        Ok(ImageList { root: root.to_path_buf(), items, classes })
     }
 
     /// An unlabelled list of the given paths, in the given order; `root` is their deepest
@@ -158,20 +134,12 @@ impl ImageList {
             let parent = p.parent().map(Path::to_path_buf).unwrap_or_default();
             root = Some(match root {
                 None => parent,
-                Some(r) => r
-                    .components()
-                    .zip(parent.components())
-                    .take_while(|(a, b)| a == b)
-                    .map(|(a, _)| a)
-                    .collect(),
+                Some(r) => r.components().zip(parent.components()).take_while(|(a, b)| a == b).map(|(a, _)| a).collect(),
             });
         }
         ImageList {
             root: root.unwrap_or_default(),
-            items: paths
-                .into_iter()
-                .map(|path| ImageItem { path, label: None })
-                .collect(),
+            items: paths.into_iter().map(|path| ImageItem { path, label: None }).collect(),
             classes: Vec::new(),
         }
     }
@@ -216,10 +184,7 @@ fn jpeg_has_end(bytes: &[u8]) -> bool {
 /// converting grey, alpha and 16-bit/float images. Corrupt, truncated or unsupported files give
 /// [`DataError::Decode`]; a file that cannot be read gives [`DataError::Io`].
 pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
-    let decode_err = |reason: &str| DataError::Decode {
-        path: path.to_path_buf(),
-        reason: reason.trim().to_string(),
-    };
+    let decode_err = |reason: &str| DataError::Decode { path: path.to_path_buf(), reason: reason.trim().to_string() };
     let bytes = fs::read(path).map_err(|e| DataError::io(path, e))?;
     if bytes.is_empty() {
         return Err(decode_err("file is empty"));
@@ -228,9 +193,7 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
     if let Ok(format) = image::ImageFormat::from_path(path) {
         reader.set_format(format);
     }
-    let reader = reader
-        .with_guessed_format()
-        .map_err(|e| DataError::io(path, e))?;
+    let reader = reader.with_guessed_format().map_err(|e| DataError::io(path, e))?;
     match reader.format() {
         None => return Err(decode_err("unrecognised image format")),
         // The JPEG decoder silently fills in missing data; treat truncation as an error.
@@ -243,9 +206,7 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()))
         .map_err(|p| decode_err(&format!("decoder panicked: {}", panic_message(p.as_ref()))))?;
     match decoded {
-        Ok(img) if img.width() == 0 || img.height() == 0 => {
-            Err(decode_err("image has zero width or height"))
-        }
+        Ok(img) if img.width() == 0 || img.height() == 0 => Err(decode_err("image has zero width or height")),
         Ok(img) => Ok(img.into_rgb8()),
         Err(e) => Err(decode_err(&e.to_string())),
     }
@@ -278,17 +239,8 @@ impl SkipReport {
         if n == 0 {
             return None;
         }
-        let listed: Vec<String> = self
-            .skipped
-            .iter()
-            .take(Self::MAX_LISTED)
-            .map(|(p, r)| format!("{} ({r})", p.display()))
-            .collect();
-        let mut s = format!(
-            "skipped {n} unreadable image{}: {}",
-            if n == 1 { "" } else { "s" },
-            listed.join(", ")
-        );
+        let listed: Vec<String> = self.skipped.iter().take(Self::MAX_LISTED).map(|(p, r)| format!("{} ({r})", p.display())).collect();
+        let mut s = format!("skipped {n} unreadable image{}: {}", if n == 1 { "" } else { "s" }, listed.join(", "));
         if n > Self::MAX_LISTED {
             s.push_str(&format!(" and {} more", n - Self::MAX_LISTED));
         }
@@ -399,10 +351,7 @@ mod tests {
         let list = ImageList::scan(&p).unwrap();
         assert_eq!(list.paths(), vec![p.clone()]);
 
-        let l = ImageList::from_paths(vec![
-            PathBuf::from("/d/x/a.png"),
-            PathBuf::from("/d/y/b.png"),
-        ]);
+        let l = ImageList::from_paths(vec![PathBuf::from("/d/x/a.png"), PathBuf::from("/d/y/b.png")]);
         assert_eq!(l.root, PathBuf::from("/d"));
         assert_eq!(l.len(), 2);
         assert!(l.classes.is_empty() && l.items.iter().all(|i| i.label.is_none()));
@@ -413,23 +362,17 @@ mod tests {
     fn decode_converts_colour_types() {
         let dir = tempfile::tempdir().unwrap();
         let gray = dir.path().join("g.png");
-        ImageBuffer::from_pixel(4, 3, Luma([200u8]))
-            .save(&gray)
-            .unwrap();
+        ImageBuffer::from_pixel(4, 3, Luma([200u8])).save(&gray).unwrap();
         let img = decode_rgb(&gray).unwrap();
         assert_eq!(img.dimensions(), (4, 3));
         assert_eq!(img.get_pixel(1, 1).0, [200, 200, 200]);
 
         let rgba = dir.path().join("a.png");
-        ImageBuffer::from_pixel(2, 2, Rgba([10u8, 20, 30, 40]))
-            .save(&rgba)
-            .unwrap();
+        ImageBuffer::from_pixel(2, 2, Rgba([10u8, 20, 30, 40])).save(&rgba).unwrap();
         assert_eq!(decode_rgb(&rgba).unwrap().get_pixel(0, 0).0, [10, 20, 30]);
 
         let tif16 = dir.path().join("s.tiff");
-        ImageBuffer::<Rgb<u16>, _>::from_pixel(3, 3, Rgb([65535u16, 0, 32896]))
-            .save(&tif16)
-            .unwrap();
+        ImageBuffer::<Rgb<u16>, _>::from_pixel(3, 3, Rgb([65535u16, 0, 32896])).save(&tif16).unwrap();
         assert_eq!(decode_rgb(&tif16).unwrap().get_pixel(2, 2).0, [255, 0, 128]);
 
         // Content wins over a wrong extension.
@@ -477,16 +420,10 @@ mod tests {
         let mut r = SkipReport::default();
         assert_eq!(r.summary(), None);
         r.record("a.jpg", "truncated");
-        assert_eq!(
-            r.summary().unwrap(),
-            "skipped 1 unreadable image: a.jpg (truncated)"
-        );
+        assert_eq!(r.summary().unwrap(), "skipped 1 unreadable image: a.jpg (truncated)");
         r.record(PathBuf::from("b.png"), "bad signature".to_string());
         assert_eq!(r.count(), 2);
-        assert_eq!(
-            r.summary().unwrap(),
-            "skipped 2 unreadable images: a.jpg (truncated), b.png (bad signature)"
-        );
+        assert_eq!(r.summary().unwrap(), "skipped 2 unreadable images: a.jpg (truncated), b.png (bad signature)");
         for i in 0..11 {
             r.record(format!("x{i}.png"), "bad");
         }

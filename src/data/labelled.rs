@@ -7,8 +7,8 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use rand::rngs::Xoshiro256PlusPlus;
 use rand::SeedableRng;
+use rand::rngs::Xoshiro256PlusPlus;
 
 use super::DataError;
 use super::folder::{ImageList, is_image_path};
@@ -36,11 +36,7 @@ impl LabelledSet {
         }
         let set = if path.is_dir() { Self::image_folder(path, classes)? } else { Self::manifest(path, classes)? };
         if set.classes.len() < 2 {
-            return Err(invalid(format!(
-                "{}: a labelled set needs at least two classes, found {}",
-                path.display(),
-                set.classes.len()
-            )));
+            return Err(invalid(format!("{}: a labelled set needs at least two classes, found {}", path.display(), set.classes.len())));
         }
         Ok(set)
     }
@@ -226,9 +222,7 @@ impl Splits {
     pub fn stratified(set: &LabelledSet, fractions: [f64; 3], max_per_class: usize, seed: u64) -> Result<Self, DataError> {
         let sum: f64 = fractions.iter().sum();
         if fractions.iter().any(|f| !(*f >= 0.0)) || (sum - 1.0).abs() > 1e-6 || fractions[0] <= 0.0 {
-            return Err(invalid(format!(
-                "split fractions {fractions:?} must be ≥ 0, sum to 1, and give the training split a share"
-            )));
+            return Err(invalid(format!("split fractions {fractions:?} must be ≥ 0, sum to 1, and give the training split a share")));
         }
         let needed = fractions.iter().filter(|f| **f > 0.0).count();
         let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); set.classes.len()];
@@ -335,7 +329,8 @@ mod tests {
             write_png(&dir.path().join(name));
         }
         let csv = dir.path().join("labels.csv");
-        fs::write(&csv, "path,label\na.png,forest\nb.png,river\n# a comment\n\"sub/c.png\",forest\n\"d, with a comma.png\",river\n").unwrap();
+        fs::write(&csv, "path,label\na.png,forest\nb.png,river\n# a comment\n\"sub/c.png\",forest\n\"d, with a comma.png\",river\n")
+            .unwrap();
         let set = LabelledSet::open(&csv, None).unwrap();
         assert_eq!(set.classes, ["forest", "river"]);
         assert_eq!(set.items[2], (dir.path().join("sub/c.png"), 0));

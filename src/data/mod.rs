@@ -14,9 +14,8 @@ use std::path::PathBuf;
 pub use folder::{ImageItem, ImageList, SkipReport, decode_rgb};
 pub use labelled::{LabelledSet, Split, Splits};
 pub use multicrop::{
-    BatchSpec, CropBatch, CropLoader, Crops, FolderSource, ImageSource, MaskConfig,
-    MultiCropConfig, ProceduralSource, augment, block_mask, build_batch, contact_sheet,
-    masked_crops, max_masked, train_view,
+    BatchSpec, CropBatch, CropLoader, Crops, FolderSource, ImageSource, MaskConfig, MultiCropConfig, ProceduralSource, augment, block_mask,
+    build_batch, contact_sheet, masked_crops, max_masked, train_view,
 };
 pub use preprocess::{Preprocess, denormalize_chw_to_rgb, load_batch, normalize_chw};
 pub use procedural::{ProceduralDomain, SceneClass, Shift, generate_image_folder, generate_shifted_image_folder, generate_tile};
@@ -54,10 +53,7 @@ pub enum DataError {
 impl DataError {
     /// Builds an [`DataError::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 
     /// The cause without the path, e.g. for a [`SkipReport`] entry.
@@ -65,9 +61,7 @@ impl DataError {
         match self {
             DataError::NotFound { .. } => "does not exist".to_string(),
             DataError::NoImages { .. } => "no images".to_string(),
-            DataError::Decode { reason, .. }
-            | DataError::Encode { reason, .. }
-            | DataError::Invalid { reason } => reason.clone(),
+            DataError::Decode { reason, .. } | DataError::Encode { reason, .. } | DataError::Invalid { reason } => reason.clone(),
             DataError::Io { source, .. } => source.to_string(),
         }
     }

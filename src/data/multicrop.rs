@@ -48,9 +48,9 @@ use rayon::prelude::*;
 use super::DataError;
 use super::folder::{ImageList, decode_rgb};
 use super::preprocess::normalize_chw;
+use super::procedural::ProceduralDomain;
 use super::rng::{mix64, shuffle};
 use crate::fields::FieldError;
-use super::procedural::ProceduralDomain;
 
 // ---------------------------------------------------------------------------------------------
 // Configuration.
@@ -126,14 +126,7 @@ impl Default for MultiCropConfig {
 }
 
 fn check_probability(field: &str, p: f32) -> Result<(), FieldError> {
-    if (0.0..=1.0).contains(&p) {
-        Ok(())
-    } else {
-        Err(field_error(
-            field,
-            format!("must be a probability in [0, 1], got {p}"),
-        ))
-    }
+    if (0.0..=1.0).contains(&p) { Ok(()) } else { Err(field_error(field, format!("must be a probability in [0, 1], got {p}"))) }
 }
 
 fn check_fraction_range(field: &str, r: [f32; 2], zero_ok: bool) -> Result<(), FieldError> {
@@ -141,30 +134,17 @@ fn check_fraction_range(field: &str, r: [f32; 2], zero_ok: bool) -> Result<(), F
     let interval = if zero_ok { "[0, 1]" } else { "(0, 1]" };
     for v in r {
         if !(lower_ok(v) && v <= 1.0) {
-            return Err(field_error(
-                field,
-                format!("values must lie in {interval}, got [{}, {}]", r[0], r[1]),
-            ));
+            return Err(field_error(field, format!("values must lie in {interval}, got [{}, {}]", r[0], r[1])));
         }
     }
     if r[0] > r[1] {
-        return Err(field_error(
-            field,
-            format!("minimum {} is larger than maximum {}", r[0], r[1]),
-        ));
+        return Err(field_error(field, format!("minimum {} is larger than maximum {}", r[0], r[1])));
     }
     Ok(())
 }
 
 fn check_non_negative(field: &str, v: f32) -> Result<(), FieldError> {
-    if v.is_finite() && v >= 0.0 {
-        Ok(())
-    } else {
-        Err(field_error(
-            field,
-            format!("must be a finite number ≥ 0, got {v}"),
-        ))
-    }
+    if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(field_error(field, format!("must be a finite number ≥ 0, got {v}"))) }
 }
 
 impl MultiCropConfig {
@@ -184,27 +164,15 @@ impl MultiCropConfig {
         check_non_negative("crops.contrast", self.contrast)?;
         check_non_negative("crops.saturation", self.saturation)?;
         if !(0.0..=0.5).contains(&self.hue) {
-            return Err(field_error(
-                "crops.hue",
-                format!(
-                    "must lie in [0, 0.5] (a fraction of a turn), got {}",
-                    self.hue
-                ),
-            ));
+            return Err(field_error("crops.hue", format!("must lie in [0, 0.5] (a fraction of a turn), got {}", self.hue)));
         }
         check_probability("crops.grayscale", self.grayscale)?;
         let [s0, s1] = self.blur_sigma;
         if !(s0.is_finite() && s1.is_finite() && s0 > 0.0 && s1 > 0.0) {
-            return Err(field_error(
-                "crops.blur_sigma",
-                format!("values must be finite and > 0, got [{s0}, {s1}]"),
-            ));
+            return Err(field_error("crops.blur_sigma", format!("values must be finite and > 0, got [{s0}, {s1}]")));
         }
         if s0 > s1 {
-            return Err(field_error(
-                "crops.blur_sigma",
-                format!("minimum {s0} is larger than maximum {s1}"),
-            ));
+            return Err(field_error("crops.blur_sigma", format!("minimum {s0} is larger than maximum {s1}")));
         }
         check_probability("crops.blur_global", self.blur_global[0])?;
         check_probability("crops.blur_global", self.blur_global[1])?;
@@ -228,10 +196,7 @@ pub struct MaskConfig {
 
 impl Default for MaskConfig {
     fn default() -> Self {
-        MaskConfig {
-            probability: 0.5,
-            ratio: [0.1, 0.5],
-        }
+        MaskConfig { probability: 0.5, ratio: [0.1, 0.5] }
     }
 }
 
@@ -262,14 +227,7 @@ pub struct BatchSpec {
 impl Default for BatchSpec {
     /// DINOv2's crops and masks for a patch-14 model, batches of 32, seed 0, no previews.
     fn default() -> Self {
-        BatchSpec {
-            crops: MultiCropConfig::default(),
-            masks: MaskConfig::default(),
-            patch_size: 14,
-            batch: 32,
-            seed: 0,
-            preview_every: 0,
-        }
+        BatchSpec { crops: MultiCropConfig::default(), masks: MaskConfig::default(), patch_size: 14, batch: 32, seed: 0, preview_every: 0 }
     }
 }
 
@@ -288,10 +246,7 @@ impl BatchSpec {
         if !(self.crops.global_size as usize).is_multiple_of(self.patch_size) {
             return Err(field_error(
                 "crops.global_size",
-                format!(
-                    "{} is not a multiple of the patch size {}",
-                    self.crops.global_size, self.patch_size
-                ),
+                format!("{} is not a multiple of the patch size {}", self.crops.global_size, self.patch_size),
             ));
         }
         Ok(())
@@ -310,7 +265,6 @@ impl BatchSpec {
 
 // ---------------------------------------------------------------------------------------------
 // Random helpers.
-
 
 // Independent streams derived from the one seed.
 const STREAM_ORDER: u64 = 0x0DE5_0F0E_90C8_5EED;
@@ -333,7 +287,6 @@ fn chance(rng: &mut Xoshiro256PlusPlus, p: f32) -> bool {
     rng.random::<f32>() < p
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Augmentation.
 
@@ -352,12 +305,7 @@ const CROP_RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
 /// torchvision's `RandomResizedCrop.get_params`: `(x, y, width, height)` of a crop of an
 /// image of `width`×`height` covering an area fraction in `scale` with a log-uniform aspect
 /// ratio in [3/4, 4/3]; after ten misses, the largest centred crop with a ratio in range.
-fn crop_rect(
-    width: u32,
-    height: u32,
-    scale: [f32; 2],
-    rng: &mut Xoshiro256PlusPlus,
-) -> (u32, u32, u32, u32) {
+fn crop_rect(width: u32, height: u32, scale: [f32; 2], rng: &mut Xoshiro256PlusPlus) -> (u32, u32, u32, u32) {
     let area = width as f64 * height as f64;
     let (log_lo, log_hi) = (CROP_RATIO.0.ln(), CROP_RATIO.1.ln());
     for _ in 0..10 {
@@ -374,15 +322,9 @@ fn crop_rect(
     }
     let in_ratio = width as f64 / height as f64;
     let (w, h) = if in_ratio < CROP_RATIO.0 {
-        (
-            width,
-            ((width as f64 / CROP_RATIO.0).round() as u32).clamp(1, height),
-        )
+        (width, ((width as f64 / CROP_RATIO.0).round() as u32).clamp(1, height))
     } else if in_ratio > CROP_RATIO.1 {
-        (
-            ((height as f64 * CROP_RATIO.1).round() as u32).clamp(1, width),
-            height,
-        )
+        (((height as f64 * CROP_RATIO.1).round() as u32).clamp(1, width), height)
     } else {
         (width, height)
     };
@@ -390,12 +332,7 @@ fn crop_rect(
 }
 
 /// A random resized crop of side `size` (bicubic resampling, antialiased when shrinking).
-fn random_resized_crop(
-    image: &RgbImage,
-    size: u32,
-    scale: [f32; 2],
-    rng: &mut Xoshiro256PlusPlus,
-) -> RgbImage {
+fn random_resized_crop(image: &RgbImage, size: u32, scale: [f32; 2], rng: &mut Xoshiro256PlusPlus) -> RgbImage {
     let (width, height) = image.dimensions();
     if width == 0 || height == 0 {
         return RgbImage::new(size, size);
@@ -510,14 +447,10 @@ fn color_jitter(img: &mut RgbImage, cfg: &MultiCropConfig, rng: &mut Xoshiro256P
             }
             1 => {
                 if let Some(f) = contrast {
-                    let sum: f64 = buf
-                        .chunks_exact(3)
-                        .map(|p| luma(p[0], p[1], p[2]) as f64)
-                        .sum();
+                    let sum: f64 = buf.chunks_exact(3).map(|p| luma(p[0], p[1], p[2]) as f64).sum();
                     let mean = (sum / (buf.len() / 3) as f64) as f32;
                     let base = mean * (1.0 - f);
-                    buf.iter_mut()
-                        .for_each(|v| *v = (base + f * *v).clamp(0.0, 255.0));
+                    buf.iter_mut().for_each(|v| *v = (base + f * *v).clamp(0.0, 255.0));
                 }
             }
             2 => {
@@ -562,13 +495,7 @@ fn solarize(img: &mut RgbImage) {
 }
 
 /// Colour jitter, grayscale, blur (probability `blur_p`) and solarisation (`solarize_p`).
-fn photometric(
-    crop: &mut RgbImage,
-    cfg: &MultiCropConfig,
-    blur_p: f32,
-    solarize_p: f32,
-    rng: &mut Xoshiro256PlusPlus,
-) {
+fn photometric(crop: &mut RgbImage, cfg: &MultiCropConfig, blur_p: f32, solarize_p: f32, rng: &mut Xoshiro256PlusPlus) {
     if chance(rng, cfg.color_jitter) {
         color_jitter(crop, cfg, rng);
     }
@@ -625,13 +552,7 @@ const MIN_BLOCK_ASPECT: f64 = 0.3;
 const BLOCK_ATTEMPTS: usize = 10;
 
 /// Tries to mask one rectangle adding between 1 and `budget` new cells; returns how many.
-fn place_block(
-    mask: &mut [bool],
-    rows: usize,
-    cols: usize,
-    budget: f64,
-    rng: &mut Xoshiro256PlusPlus,
-) -> usize {
+fn place_block(mask: &mut [bool], rows: usize, cols: usize, budget: f64, rng: &mut Xoshiro256PlusPlus) -> usize {
     let (log_lo, log_hi) = (MIN_BLOCK_ASPECT.ln(), (1.0 / MIN_BLOCK_ASPECT).ln());
     for _ in 0..BLOCK_ATTEMPTS {
         // As Python's `random.uniform(4, budget)`, also when budget < 4.
@@ -644,14 +565,7 @@ fn place_block(
         }
         let top = rng.random_range(0..=rows - h);
         let left = rng.random_range(0..=cols - w);
-        let already: usize = (top..top + h)
-            .map(|r| {
-                mask[r * cols + left..r * cols + left + w]
-                    .iter()
-                    .filter(|&&m| m)
-                    .count()
-            })
-            .sum();
+        let already: usize = (top..top + h).map(|r| mask[r * cols + left..r * cols + left + w].iter().filter(|&&m| m).count()).sum();
         let new = h * w - already;
         if new > 0 && new as f64 <= budget {
             for r in top..top + h {
@@ -670,12 +584,7 @@ fn place_block(
 /// without exceeding `num_masked`, until 10 attempts in a row fail. Usually the count reaches
 /// `num_masked` or comes close; if no rectangle fits at all, one random patch is masked so
 /// that a positive target always masks something.
-pub fn block_mask(
-    rows: usize,
-    cols: usize,
-    num_masked: usize,
-    rng: &mut Xoshiro256PlusPlus,
-) -> Vec<bool> {
+pub fn block_mask(rows: usize, cols: usize, num_masked: usize, rng: &mut Xoshiro256PlusPlus) -> Vec<bool> {
     let n = rows * cols;
     let mut mask = vec![false; n];
     let target = num_masked.min(n);
@@ -709,15 +618,7 @@ pub fn masked_crops(num_global_crops: usize, cfg: &MaskConfig) -> usize {
 /// masked crop `k` draws its ratio uniformly between entries `k` and `k + 1`.
 fn ratio_edges(n: usize, cfg: &MaskConfig) -> Vec<f64> {
     let (lo, hi) = (cfg.ratio[0] as f64, cfg.ratio[1] as f64);
-    (0..=n)
-        .map(|i| {
-            if i == n {
-                hi
-            } else {
-                lo + (hi - lo) * i as f64 / n as f64
-            }
-        })
-        .collect()
+    (0..=n).map(|i| if i == n { hi } else { lo + (hi - lo) * i as f64 / n as f64 }).collect()
 }
 
 /// An upper bound on the masked patches of a batch with `num_global_crops` global crops of
@@ -725,20 +626,12 @@ fn ratio_edges(n: usize, cfg: &MaskConfig) -> Vec<f64> {
 /// `floor(patches · ratio_max_k)`, so a consumer can pad the masked positions to a fixed size.
 pub fn max_masked(num_global_crops: usize, patches: usize, cfg: &MaskConfig) -> usize {
     let n = masked_crops(num_global_crops, cfg);
-    ratio_edges(n, cfg)[1..]
-        .iter()
-        .map(|&r| ((patches as f64 * r).floor() as usize).min(patches))
-        .sum()
+    ratio_edges(n, cfg)[1..].iter().map(|&r| ((patches as f64 * r).floor() as usize).min(patches)).sum()
 }
 
 /// The masks of `num_crops` global crops on a `grid`×`grid` patch grid, concatenated
 /// (`num_crops · grid²`, crop `i` at `i · grid²`), as DINOv2's `collate_data_and_cast`.
-fn batch_masks(
-    num_crops: usize,
-    grid: usize,
-    cfg: &MaskConfig,
-    rng: &mut Xoshiro256PlusPlus,
-) -> Vec<bool> {
+fn batch_masks(num_crops: usize, grid: usize, cfg: &MaskConfig, rng: &mut Xoshiro256PlusPlus) -> Vec<bool> {
     let patches = grid * grid;
     let n = masked_crops(num_crops, cfg);
     let edges = ratio_edges(n, cfg);
@@ -788,22 +681,13 @@ impl ImageSource for FolderSource {
     fn load(&self, index: usize) -> Result<RgbImage, DataError> {
         match self.list.items.get(index) {
             Some(item) => decode_rgb(&item.path),
-            None => Err(DataError::Invalid {
-                reason: format!(
-                    "image index {index} is out of range ({} images)",
-                    self.list.len()
-                ),
-            }),
+            None => Err(DataError::Invalid { reason: format!("image index {index} is out of range ({} images)", self.list.len()) }),
         }
     }
 
     fn describe(&self) -> String {
         let n = self.list.len();
-        format!(
-            "image folder {} ({n} image{})",
-            self.list.root.display(),
-            if n == 1 { "" } else { "s" }
-        )
+        format!("image folder {} ({n} image{})", self.list.root.display(), if n == 1 { "" } else { "s" })
     }
 
     fn path(&self, index: usize) -> Option<PathBuf> {
@@ -951,9 +835,7 @@ struct Sample {
 }
 
 fn invalid(reason: impl Into<String>) -> DataError {
-    DataError::Invalid {
-        reason: reason.into(),
-    }
+    DataError::Invalid { reason: reason.into() }
 }
 
 /// Builds the batch of `step` (see the module documentation for what it contains and how it
@@ -963,31 +845,18 @@ fn invalid(reason: impl Into<String>) -> DataError {
 /// next one of the shuffled order; the batch fails only if 100 consecutive images (or, for
 /// smaller sources, as many as it holds) cannot be read, or if `spec` is invalid
 /// ([`DataError::Invalid`]).
-pub fn build_batch(
-    source: &dyn ImageSource,
-    spec: &BatchSpec,
-    step: u64,
-) -> Result<CropBatch, DataError> {
+pub fn build_batch(source: &dyn ImageSource, spec: &BatchSpec, step: u64) -> Result<CropBatch, DataError> {
     build_batch_cached(source, spec, step, &mut OrderCache::default())
 }
 
-fn build_batch_cached(
-    source: &dyn ImageSource,
-    spec: &BatchSpec,
-    step: u64,
-    cache: &mut OrderCache,
-) -> Result<CropBatch, DataError> {
-    spec.validate()
-        .map_err(|e| invalid(format!("invalid batch settings: {e}")))?;
+fn build_batch_cached(source: &dyn ImageSource, spec: &BatchSpec, step: u64, cache: &mut OrderCache) -> Result<CropBatch, DataError> {
+    spec.validate().map_err(|e| invalid(format!("invalid batch settings: {e}")))?;
     let len = source.len();
     if len == 0 {
         return Err(invalid(format!("{} holds no image", source.describe())));
     }
     if len > u32::MAX as usize {
-        return Err(invalid(format!(
-            "{} holds too many images",
-            source.describe()
-        )));
+        return Err(invalid(format!("{} holds too many images", source.describe())));
     }
     let b = spec.batch;
     let tries = len.min(MAX_CONSECUTIVE_FAILURES);
@@ -999,9 +868,7 @@ fn build_batch_cached(
     // The shuffled orders of every epoch this batch can reach (usually one or two).
     let last = first + (b + tries - 2) as u64;
     let (first_epoch, last_epoch) = (first / len as u64, last / len as u64);
-    let orders: Vec<Arc<Vec<u32>>> = (first_epoch..=last_epoch)
-        .map(|e| cache.epoch(len, spec.seed, e))
-        .collect();
+    let orders: Vec<Arc<Vec<u32>>> = (first_epoch..=last_epoch).map(|e| cache.epoch(len, spec.seed, e)).collect();
     let image_at = |position: u64| -> usize {
         let epoch = (position / len as u64 - first_epoch) as usize;
         orders[epoch][(position % len as u64) as usize] as usize
@@ -1021,9 +888,7 @@ fn build_batch_cached(
                         return Ok(Sample { index, crops, skipped });
                     }
                     Err(e) => {
-                        let path = source
-                            .path(index)
-                            .unwrap_or_else(|| PathBuf::from(format!("image #{index}")));
+                        let path = source.path(index).unwrap_or_else(|| PathBuf::from(format!("image #{index}")));
                         skipped.push((path, e.reason()));
                     }
                 }
@@ -1050,28 +915,19 @@ fn build_batch_cached(
     let global_values = 3 * gs as usize * gs as usize;
     let local_values = 3 * ls as usize * ls as usize;
     let mut globals = vec![0.0f32; 2 * b * global_values];
-    globals
-        .par_chunks_mut(global_values)
-        .enumerate()
-        .for_each(|(i, out)| {
-            out.copy_from_slice(&normalize_chw(&samples[i % b].crops.globals[i / b]));
-        });
+    globals.par_chunks_mut(global_values).enumerate().for_each(|(i, out)| {
+        out.copy_from_slice(&normalize_chw(&samples[i % b].crops.globals[i / b]));
+    });
     let mut locals = vec![0.0f32; cfg.local_crops * b * local_values];
-    locals
-        .par_chunks_mut(local_values)
-        .enumerate()
-        .for_each(|(i, out)| {
-            out.copy_from_slice(&normalize_chw(&samples[i % b].crops.locals[i / b]));
-        });
+    locals.par_chunks_mut(local_values).enumerate().for_each(|(i, out)| {
+        out.copy_from_slice(&normalize_chw(&samples[i % b].crops.locals[i / b]));
+    });
 
     let mut mask_rng = stream_rng(spec.seed, STREAM_MASKS, step);
     let masks = batch_masks(2 * b, spec.grid(), &spec.masks, &mut mask_rng);
 
     let sources = samples.iter().map(|s| s.index).collect();
-    let preview = spec
-        .wants_preview(step)
-        .then(|| samples.into_iter().next().map(|s| s.crops))
-        .flatten();
+    let preview = spec.wants_preview(step).then(|| samples.into_iter().next().map(|s| s.crops)).flatten();
 
     Ok(CropBatch {
         step,
@@ -1108,41 +964,28 @@ impl CropLoader {
     /// Starts building the batches of steps `start_step`, `start_step + 1`, ... of `spec`
     /// over `source`. `prefetch` is the number of finished batches that may wait (0: each
     /// batch is handed over as soon as it is built, and the next one starts after that).
-    pub fn new(
-        source: Arc<dyn ImageSource>,
-        spec: BatchSpec,
-        start_step: u64,
-        prefetch: usize,
-    ) -> Self {
+    pub fn new(source: Arc<dyn ImageSource>, spec: BatchSpec, start_step: u64, prefetch: usize) -> Self {
         let (tx, rx) = sync_channel(prefetch);
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
-        let spawned = std::thread::Builder::new()
-            .name("explora-crops".to_string())
-            .spawn(move || {
-                let mut cache = OrderCache::default();
-                let mut step = start_step;
-                while !stop_flag.load(Ordering::Relaxed) {
-                    let result = build_batch_cached(source.as_ref(), &spec, step, &mut cache);
-                    let failed = result.is_err();
-                    // A failed send means the loader was dropped; an error ends the stream.
-                    if tx.send(result).is_err() || failed {
-                        break;
-                    }
-                    step += 1;
+        let spawned = std::thread::Builder::new().name("explora-crops".to_string()).spawn(move || {
+            let mut cache = OrderCache::default();
+            let mut step = start_step;
+            while !stop_flag.load(Ordering::Relaxed) {
+                let result = build_batch_cached(source.as_ref(), &spec, step, &mut cache);
+                let failed = result.is_err();
+                // A failed send means the loader was dropped; an error ends the stream.
+                if tx.send(result).is_err() || failed {
+                    break;
                 }
-            });
+                step += 1;
+            }
+        });
         let (handle, spawn_error) = match spawned {
             Ok(h) => (Some(h), None),
             Err(e) => (None, Some(e.to_string())),
         };
-        CropLoader {
-            rx: Some(rx),
-            stop,
-            handle,
-            next_step: start_step,
-            spawn_error,
-        }
+        CropLoader { rx: Some(rx), stop, handle, next_step: start_step, spawn_error }
     }
 
     /// The next batch, in step order; waits for it if needed. After an error (which ends the
@@ -1213,33 +1056,13 @@ fn tinted(crop: &RgbImage, mask: &[bool], grid: usize) -> RgbImage {
 /// Masks of the wrong length are ignored where they run short.
 pub fn contact_sheet(crops: &Crops, masks: Option<(&[bool], usize)>) -> RgbImage {
     let gap = SHEET_GAP;
-    let g = crops
-        .globals
-        .iter()
-        .map(|c| c.width().max(c.height()))
-        .max()
-        .unwrap_or(0);
-    let l = crops
-        .locals
-        .iter()
-        .map(|c| c.width().max(c.height()))
-        .max()
-        .unwrap_or(0);
+    let g = crops.globals.iter().map(|c| c.width().max(c.height())).max().unwrap_or(0);
+    let l = crops.locals.iter().map(|c| c.width().max(c.height())).max().unwrap_or(0);
     let row = g.max(l).max(1);
-    let per_column = if l == 0 {
-        1
-    } else {
-        ((row + gap) / (l + gap)).max(1)
-    };
+    let per_column = if l == 0 { 1 } else { ((row + gap) / (l + gap)).max(1) };
     let columns = crops.locals.len().div_ceil(per_column as usize) as u32;
     let globals_width = crops.globals.len() as u32 * (g + gap);
-    let locals_x = gap
-        + globals_width
-        + if columns > 0 && globals_width > 0 {
-            gap
-        } else {
-            0
-        };
+    let locals_x = gap + globals_width + if columns > 0 && globals_width > 0 { gap } else { 0 };
     let width = locals_x + columns * (l + gap);
     let height = row + 2 * gap;
     let mut sheet = RgbImage::from_pixel(width.max(1), height, SHEET_BACKGROUND);
@@ -1271,30 +1094,15 @@ mod tests {
     use std::sync::Mutex;
 
     fn small_crops() -> MultiCropConfig {
-        MultiCropConfig {
-            global_size: 32,
-            local_size: 16,
-            local_crops: 3,
-            ..MultiCropConfig::default()
-        }
+        MultiCropConfig { global_size: 32, local_size: 16, local_crops: 3, ..MultiCropConfig::default() }
     }
 
     fn small_spec(batch: usize) -> BatchSpec {
-        BatchSpec {
-            crops: small_crops(),
-            masks: MaskConfig::default(),
-            patch_size: 8,
-            batch,
-            seed: 7,
-            preview_every: 0,
-        }
+        BatchSpec { crops: small_crops(), masks: MaskConfig::default(), patch_size: 8, batch, seed: 7, preview_every: 0 }
     }
 
     fn procedural(count: usize) -> ProceduralSource {
-        ProceduralSource {
-            domain: ProceduralDomain { size: 48, seed: 3, shift: Default::default() },
-            count,
-        }
+        ProceduralSource { domain: ProceduralDomain { size: 48, seed: 3, shift: Default::default() }, count }
     }
 
     fn rng(seed: u64) -> Xoshiro256PlusPlus {
@@ -1306,14 +1114,8 @@ mod tests {
         let c = MultiCropConfig::default();
         assert_eq!((c.global_size, c.local_size, c.local_crops), (224, 98, 8));
         assert_eq!((c.global_scale, c.local_scale), ([0.32, 1.0], [0.05, 0.32]));
-        assert_eq!(
-            (c.blur_global, c.blur_local, c.solarize),
-            ([1.0, 0.1], 0.5, 0.2)
-        );
-        assert_eq!(
-            (c.brightness, c.contrast, c.saturation, c.hue),
-            (0.4, 0.4, 0.2, 0.1)
-        );
+        assert_eq!((c.blur_global, c.blur_local, c.solarize), ([1.0, 0.1], 0.5, 0.2));
+        assert_eq!((c.brightness, c.contrast, c.saturation, c.hue), (0.4, 0.4, 0.2, 0.1));
         assert!(!c.overhead);
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(MaskConfig::default().validate(), Ok(()));
@@ -1351,33 +1153,14 @@ mod tests {
             assert!(err.to_string().starts_with(&format!("invalid run config: `{field}` ")), "{err}");
         }
         let bad_masks = [
-            MaskConfig {
-                probability: 1.1,
-                ..MaskConfig::default()
-            },
-            MaskConfig {
-                ratio: [0.6, 0.2],
-                ..MaskConfig::default()
-            },
-            MaskConfig {
-                ratio: [0.1, 1.2],
-                ..MaskConfig::default()
-            },
+            MaskConfig { probability: 1.1, ..MaskConfig::default() },
+            MaskConfig { ratio: [0.6, 0.2], ..MaskConfig::default() },
+            MaskConfig { ratio: [0.1, 1.2], ..MaskConfig::default() },
         ];
-        for (m, field) in bad_masks
-            .iter()
-            .zip(["masks.probability", "masks.ratio", "masks.ratio"])
-        {
+        for (m, field) in bad_masks.iter().zip(["masks.probability", "masks.ratio", "masks.ratio"]) {
             assert_eq!(m.validate().unwrap_err().field, field);
         }
-        assert_eq!(
-            MaskConfig {
-                ratio: [0.0, 0.0],
-                probability: 0.0
-            }
-            .validate(),
-            Ok(())
-        );
+        assert_eq!(MaskConfig { ratio: [0.0, 0.0], probability: 0.0 }.validate(), Ok(()));
 
         let mut spec = small_spec(2);
         spec.crops.global_size = 30;
@@ -1387,32 +1170,21 @@ mod tests {
         let err = build_batch(&procedural(4), &spec, 0).unwrap_err();
         assert!(matches!(err, DataError::Invalid { .. }));
         assert!(err.to_string().contains("crops.global_size"), "{err}");
-        let spec = BatchSpec {
-            batch: 0,
-            ..small_spec(1)
-        };
+        let spec = BatchSpec { batch: 0, ..small_spec(1) };
         assert_eq!(spec.validate().unwrap_err().field, "batch");
-        let spec = BatchSpec {
-            patch_size: 0,
-            ..small_spec(1)
-        };
+        let spec = BatchSpec { patch_size: 0, ..small_spec(1) };
         assert_eq!(spec.validate().unwrap_err().field, "patch_size");
-        let spec = BatchSpec {
-            masks: bad_masks[0].clone(),
-            ..small_spec(1)
-        };
+        let spec = BatchSpec { masks: bad_masks[0].clone(), ..small_spec(1) };
         assert_eq!(spec.validate().unwrap_err().field, "masks.probability");
     }
 
     #[test]
     fn serde_defaults_and_unknown_fields() {
-        let c: MultiCropConfig =
-            serde_json::from_str(r#"{"local_crops": 4, "overhead": true}"#).unwrap();
+        let c: MultiCropConfig = serde_json::from_str(r#"{"local_crops": 4, "overhead": true}"#).unwrap();
         assert_eq!(c.local_crops, 4);
         assert!(c.overhead);
         assert_eq!(c.global_size, 224);
-        let back: MultiCropConfig =
-            serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        let back: MultiCropConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);
         assert!(serde_json::from_str::<MultiCropConfig>(r#"{"global_sise": 4}"#).is_err());
         let m: MaskConfig = serde_json::from_str(r#"{"probability": 0.3}"#).unwrap();
@@ -1448,10 +1220,7 @@ mod tests {
     fn augment_shapes_and_determinism() {
         let img = procedural(1).load(0).unwrap();
         for overhead in [false, true] {
-            let cfg = MultiCropConfig {
-                overhead,
-                ..small_crops()
-            };
+            let cfg = MultiCropConfig { overhead, ..small_crops() };
             let a = augment(&img, &cfg, &mut rng(5));
             assert_eq!(a.globals.len(), 2);
             assert_eq!(a.locals.len(), 3);
@@ -1461,10 +1230,7 @@ mod tests {
             assert_ne!(a, augment(&img, &cfg, &mut rng(6)));
         }
         // Non-square crops sizes (rotations must not swap them) and tiny inputs.
-        let cfg = MultiCropConfig {
-            overhead: true,
-            ..small_crops()
-        };
+        let cfg = MultiCropConfig { overhead: true, ..small_crops() };
         let tiny = RgbImage::from_pixel(1, 3, Rgb([9, 99, 199]));
         let mut r = rng(2);
         for _ in 0..20 {
@@ -1502,13 +1268,7 @@ mod tests {
     fn colour_operations() {
         let img = RgbImage::from_fn(16, 16, |x, y| Rgb([(x * 16) as u8, (y * 16) as u8, 77]));
         // Jitter with no strength is the identity, whatever the order.
-        let none = MultiCropConfig {
-            brightness: 0.0,
-            contrast: 0.0,
-            saturation: 0.0,
-            hue: 0.0,
-            ..small_crops()
-        };
+        let none = MultiCropConfig { brightness: 0.0, contrast: 0.0, saturation: 0.0, hue: 0.0, ..small_crops() };
         let mut c = img.clone();
         color_jitter(&mut c, &none, &mut rng(1));
         assert_eq!(c, img);
@@ -1516,10 +1276,7 @@ mod tests {
         let mut g = img.clone();
         grayscale(&mut g);
         assert!(g.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]));
-        assert_eq!(
-            g.get_pixel(15, 15).0[0],
-            ((240 * 299 + 240 * 587 + 77 * 114 + 500) / 1000) as u8
-        );
+        assert_eq!(g.get_pixel(15, 15).0[0], ((240 * 299 + 240 * 587 + 77 * 114 + 500) / 1000) as u8);
 
         let mut s = img.clone();
         solarize(&mut s);
@@ -1537,25 +1294,14 @@ mod tests {
         let mut px = [200.0, 120.0, 40.0];
         rotate_hue(&mut px, 0.6);
         rotate_hue(&mut px, 5.4);
-        assert!(
-            px.iter()
-                .zip([200.0, 120.0, 40.0])
-                .all(|(a, b)| (a - b).abs() < 1e-3),
-            "{px:?}"
-        );
+        assert!(px.iter().zip([200.0, 120.0, 40.0]).all(|(a, b)| (a - b).abs() < 1e-3), "{px:?}");
         let mut gray = [90.0, 90.0, 90.0];
         rotate_hue(&mut gray, 2.5);
         assert_eq!(gray, [90.0; 3]);
 
         // Full jitter stays in range and changes the image.
         let mut j = img.clone();
-        let strong = MultiCropConfig {
-            brightness: 0.8,
-            contrast: 0.8,
-            saturation: 0.8,
-            hue: 0.5,
-            ..small_crops()
-        };
+        let strong = MultiCropConfig { brightness: 0.8, contrast: 0.8, saturation: 0.8, hue: 0.5, ..small_crops() };
         color_jitter(&mut j, &strong, &mut rng(4));
         assert_ne!(j, img);
     }
@@ -1583,10 +1329,7 @@ mod tests {
                     let m = block_mask(rows, cols, target, &mut r);
                     assert_eq!(m.len(), n);
                     let count = m.iter().filter(|&&v| v).count();
-                    assert!(
-                        count <= target.min(n),
-                        "{rows}x{cols} target {target}: {count}"
-                    );
+                    assert!(count <= target.min(n), "{rows}x{cols} target {target}: {count}");
                     if target > 0 {
                         assert!(count >= 1);
                     }
@@ -1600,16 +1343,10 @@ mod tests {
         // On a realistic grid the target is (nearly) reached.
         let mut total = 0;
         for _ in 0..50 {
-            total += block_mask(16, 16, 100, &mut r)
-                .iter()
-                .filter(|&&v| v)
-                .count();
+            total += block_mask(16, 16, 100, &mut r).iter().filter(|&&v| v).count();
         }
         assert!(total >= 50 * 90, "{total}");
-        assert_eq!(
-            block_mask(16, 16, 77, &mut rng(4)),
-            block_mask(16, 16, 77, &mut rng(4))
-        );
+        assert_eq!(block_mask(16, 16, 77, &mut rng(4)), block_mask(16, 16, 77, &mut rng(4)));
     }
 
     #[test]
@@ -1617,49 +1354,18 @@ mod tests {
         let cfg = MaskConfig::default();
         assert_eq!(masked_crops(8, &cfg), 4);
         assert_eq!(masked_crops(7, &cfg), 3);
-        assert_eq!(
-            masked_crops(
-                10,
-                &MaskConfig {
-                    probability: 0.7,
-                    ..cfg.clone()
-                }
-            ),
-            7
-        );
-        assert_eq!(
-            masked_crops(
-                10,
-                &MaskConfig {
-                    probability: 0.0,
-                    ..cfg.clone()
-                }
-            ),
-            0
-        );
+        assert_eq!(masked_crops(10, &MaskConfig { probability: 0.7, ..cfg.clone() }), 7);
+        assert_eq!(masked_crops(10, &MaskConfig { probability: 0.0, ..cfg.clone() }), 0);
         // linspace(0.1, 0.5, 5) = [0.1, 0.2, 0.3, 0.4, 0.5]: floor(256·[0.2, 0.3, 0.4, 0.5]).
         assert_eq!(max_masked(8, 256, &cfg), 51 + 76 + 102 + 128);
-        assert_eq!(
-            max_masked(
-                2,
-                16,
-                &MaskConfig {
-                    probability: 0.0,
-                    ..cfg.clone()
-                }
-            ),
-            0
-        );
+        assert_eq!(max_masked(2, 16, &MaskConfig { probability: 0.0, ..cfg.clone() }), 0);
 
         let mut r = rng(9);
         for num_crops in [2, 3, 8, 16] {
             for _ in 0..20 {
                 let m = batch_masks(num_crops, 4, &cfg, &mut r);
                 assert_eq!(m.len(), num_crops * 16);
-                let counts: Vec<usize> = m
-                    .chunks(16)
-                    .map(|c| c.iter().filter(|&&v| v).count())
-                    .collect();
+                let counts: Vec<usize> = m.chunks(16).map(|c| c.iter().filter(|&&v| v).count()).collect();
                 let masked = counts.iter().filter(|&&c| c > 0).count();
                 assert_eq!(masked, num_crops / 2, "{counts:?}");
                 assert!(counts.iter().all(|&c| c <= 8), "{counts:?}");
@@ -1670,10 +1376,7 @@ mod tests {
 
     #[test]
     fn batch_layout_values_and_masks() {
-        let spec = BatchSpec {
-            preview_every: 1,
-            ..small_spec(3)
-        };
+        let spec = BatchSpec { preview_every: 1, ..small_spec(3) };
         let source = procedural(10);
         let batch = build_batch(&source, &spec, 0).unwrap();
         assert_eq!((batch.step, batch.batch, batch.grid()), (0, 3, 4));
@@ -1683,13 +1386,7 @@ mod tests {
         assert!(batch.skipped.is_empty());
         let lo = (0.0 - 0.485) / 0.229 - 1e-4;
         let hi = (1.0 - 0.406) / 0.225 + 1e-4;
-        assert!(
-            batch
-                .globals
-                .iter()
-                .chain(&batch.locals)
-                .all(|v| v.is_finite() && (lo..=hi).contains(v))
-        );
+        assert!(batch.globals.iter().chain(&batch.locals).all(|v| v.is_finite() && (lo..=hi).contains(v)));
         let mean = batch.globals.iter().sum::<f32>() / batch.globals.len() as f32;
         assert!(mean.abs() < 1.5, "{mean}");
 
@@ -1697,30 +1394,17 @@ mod tests {
         let preview = batch.preview.as_ref().unwrap();
         let gv = batch.global_values();
         let lv = batch.local_values();
-        assert_eq!(
-            &batch.globals[..gv],
-            &normalize_chw(&preview.globals[0])[..]
-        );
-        assert_eq!(
-            &batch.globals[3 * gv..4 * gv],
-            &normalize_chw(&preview.globals[1])[..]
-        );
+        assert_eq!(&batch.globals[..gv], &normalize_chw(&preview.globals[0])[..]);
+        assert_eq!(&batch.globals[3 * gv..4 * gv], &normalize_chw(&preview.globals[1])[..]);
         for c in 0..3 {
             let at = c * 3 * lv;
-            assert_eq!(
-                &batch.locals[at..at + lv],
-                &normalize_chw(&preview.locals[c])[..]
-            );
+            assert_eq!(&batch.locals[at..at + lv], &normalize_chw(&preview.locals[c])[..]);
         }
 
         // floor(6 · 0.5) = 3 masked crops, each with 1..=floor(0.5 · 16) patches.
         for step in 0..20 {
             let b = build_batch(&source, &spec, step).unwrap();
-            let counts: Vec<usize> = b
-                .masks
-                .chunks(16)
-                .map(|c| c.iter().filter(|&&v| v).count())
-                .collect();
+            let counts: Vec<usize> = b.masks.chunks(16).map(|c| c.iter().filter(|&&v| v).count()).collect();
             assert_eq!(counts.iter().filter(|&&c| c > 0).count(), 3, "{counts:?}");
             assert!(counts.iter().all(|&c| c <= 8));
             assert!(b.masked_count() <= max_masked(6, 16, &spec.masks));
@@ -1740,23 +1424,11 @@ mod tests {
         let b = build_batch(&source, &spec, 6).unwrap();
         assert_ne!(a.globals, b.globals);
         assert_ne!(a.locals, b.locals);
-        let other_seed = BatchSpec {
-            seed: 8,
-            ..spec.clone()
-        };
-        assert_ne!(
-            a.globals,
-            build_batch(&source, &other_seed, 5).unwrap().globals
-        );
+        let other_seed = BatchSpec { seed: 8, ..spec.clone() };
+        assert_ne!(a.globals, build_batch(&source, &other_seed, 5).unwrap().globals);
         // Independent of the thread pool.
-        let single = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        assert_eq!(
-            a,
-            single.install(|| build_batch(&source, &spec, 5)).unwrap()
-        );
+        let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        assert_eq!(a, single.install(|| build_batch(&source, &spec, 5)).unwrap());
     }
 
     /// A source of solid images that records which indices were loaded.
@@ -1773,10 +1445,7 @@ mod tests {
         fn load(&self, index: usize) -> Result<RgbImage, DataError> {
             self.loaded.lock().unwrap().push(index);
             if self.broken.contains(&index) {
-                return Err(DataError::Decode {
-                    path: self.path(index).unwrap(),
-                    reason: "broken".into(),
-                });
+                return Err(DataError::Decode { path: self.path(index).unwrap(), reason: "broken".into() });
             }
             Ok(RgbImage::from_pixel(20, 20, Rgb([index as u8, 0, 0])))
         }
@@ -1790,11 +1459,7 @@ mod tests {
 
     #[test]
     fn every_epoch_visits_each_image_once_in_a_new_order() {
-        let source = Recording {
-            count: 12,
-            loaded: Mutex::default(),
-            broken: vec![],
-        };
+        let source = Recording { count: 12, loaded: Mutex::default(), broken: vec![] };
         let spec = small_spec(4);
         let mut epochs = Vec::new();
         for epoch in 0..2u64 {
@@ -1816,19 +1481,12 @@ mod tests {
 
     #[test]
     fn unreadable_images_are_replaced_or_fail_clearly() {
-        let source = Recording {
-            count: 6,
-            loaded: Mutex::default(),
-            broken: vec![2, 3],
-        };
+        let source = Recording { count: 6, loaded: Mutex::default(), broken: vec![2, 3] };
         let spec = small_spec(6); // one whole epoch: both broken images are met
         let batch = build_batch(&source, &spec, 0).unwrap();
         let mut skipped: Vec<_> = batch.skipped.iter().map(|(p, _)| p.clone()).collect();
         skipped.sort();
-        assert_eq!(
-            skipped,
-            [PathBuf::from("img2.png"), PathBuf::from("img3.png")]
-        );
+        assert_eq!(skipped, [PathBuf::from("img2.png"), PathBuf::from("img3.png")]);
         assert!(batch.skipped.iter().all(|(_, r)| r == "broken"));
         // Each sample names the image it was cut from: never a broken one, each once.
         let mut sources = batch.sources.clone();
@@ -1840,29 +1498,12 @@ mod tests {
         assert_eq!(batch.globals.len(), 2 * 6 * 3 * 32 * 32);
         assert_eq!(batch, build_batch(&source, &spec, 0).unwrap());
 
-        let all_broken = Recording {
-            count: 3,
-            loaded: Mutex::default(),
-            broken: vec![0, 1, 2],
-        };
+        let all_broken = Recording { count: 3, loaded: Mutex::default(), broken: vec![0, 1, 2] };
         let err = build_batch(&all_broken, &small_spec(2), 0).unwrap_err();
         assert!(matches!(err, DataError::Invalid { .. }));
-        assert!(
-            err.to_string()
-                .contains("3 consecutive images of recording"),
-            "{err}"
-        );
-        let empty = Recording {
-            count: 0,
-            loaded: Mutex::default(),
-            broken: vec![],
-        };
-        assert!(
-            build_batch(&empty, &small_spec(2), 0)
-                .unwrap_err()
-                .to_string()
-                .contains("no image")
-        );
+        assert!(err.to_string().contains("3 consecutive images of recording"), "{err}");
+        let empty = Recording { count: 0, loaded: Mutex::default(), broken: vec![] };
+        assert!(build_batch(&empty, &small_spec(2), 0).unwrap_err().to_string().contains("no image"));
     }
 
     #[test]
@@ -1870,17 +1511,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let domain = ProceduralDomain { size: 48, seed: 1, shift: Default::default() };
         for i in 0..5 {
-            domain
-                .sample(i)
-                .0
-                .save(dir.path().join(format!("tile{i}.png")))
-                .unwrap();
+            domain.sample(i).0.save(dir.path().join(format!("tile{i}.png"))).unwrap();
         }
         let garbage = dir.path().join("garbage.jpg");
         std::fs::write(&garbage, b"\xFF\xD8\xFF this is not a JPEG").unwrap();
-        let source = FolderSource {
-            list: ImageList::scan(dir.path()).unwrap(),
-        };
+        let source = FolderSource { list: ImageList::scan(dir.path()).unwrap() };
         assert_eq!(source.len(), 6);
         assert!(source.describe().contains("6 images"));
         assert_eq!(source.path(0), Some(source.list.items[0].path.clone()));
@@ -1909,10 +1544,7 @@ mod tests {
     #[test]
     fn loader_yields_build_batch_in_order_and_resumes() {
         let source: Arc<dyn ImageSource> = Arc::new(procedural(10));
-        let spec = BatchSpec {
-            preview_every: 2,
-            ..small_spec(3)
-        };
+        let spec = BatchSpec { preview_every: 2, ..small_spec(3) };
         let mut loader = CropLoader::new(source.clone(), spec.clone(), 0, 2);
         for step in 0..4 {
             assert_eq!(loader.next_step(), step);
@@ -1924,20 +1556,13 @@ mod tests {
         drop(loader); // stops the producer (it may be blocked on a full channel)
 
         let mut resumed = CropLoader::new(source.clone(), spec.clone(), 7, 0);
-        assert_eq!(
-            resumed.next().unwrap(),
-            build_batch(source.as_ref(), &spec, 7).unwrap()
-        );
+        assert_eq!(resumed.next().unwrap(), build_batch(source.as_ref(), &spec, 7).unwrap());
         assert_eq!(resumed.next().unwrap().step, 8);
     }
 
     #[test]
     fn loader_reports_errors_then_stops() {
-        let broken: Arc<dyn ImageSource> = Arc::new(Recording {
-            count: 2,
-            loaded: Mutex::default(),
-            broken: vec![0, 1],
-        });
+        let broken: Arc<dyn ImageSource> = Arc::new(Recording { count: 2, loaded: Mutex::default(), broken: vec![0, 1] });
         let mut loader = CropLoader::new(broken, small_spec(2), 0, 1);
         let err = loader.next().unwrap_err();
         assert!(err.to_string().contains("could not be read"), "{err}");
@@ -1953,10 +1578,7 @@ mod tests {
         let sheet = contact_sheet(&crops, None);
         // Two rows of 16 px locals fit beside 40 px globals: 3 columns for 5 locals.
         let g = SHEET_GAP;
-        assert_eq!(
-            sheet.dimensions(),
-            (g + 2 * (40 + g) + g + 3 * (16 + g), 40 + 2 * g)
-        );
+        assert_eq!(sheet.dimensions(), (g + 2 * (40 + g) + g + 3 * (16 + g), 40 + 2 * g));
         assert_eq!(sheet.get_pixel(g, g).0, [200; 3]);
         assert_eq!(sheet.get_pixel(0, 0).0, SHEET_BACKGROUND.0);
         let locals_x = g + 2 * (40 + g) + g;
@@ -1977,24 +1599,12 @@ mod tests {
         assert_eq!(tinted_sheet.get_pixel(x1, g).0, [200; 3]);
         // Short masks are tolerated; a sheet without locals is just the globals.
         contact_sheet(&crops, Some((&masks[..5], 4)));
-        let only = Crops {
-            globals: crops.globals.clone(),
-            locals: vec![],
-        };
-        assert_eq!(
-            contact_sheet(&only, None).dimensions(),
-            (g + 2 * (40 + g), 40 + 2 * g)
-        );
+        let only = Crops { globals: crops.globals.clone(), locals: vec![] };
+        assert_eq!(contact_sheet(&only, None).dimensions(), (g + 2 * (40 + g), 40 + 2 * g));
         // From a real batch.
-        let spec = BatchSpec {
-            preview_every: 1,
-            ..small_spec(2)
-        };
+        let spec = BatchSpec { preview_every: 1, ..small_spec(2) };
         let b = build_batch(&procedural(4), &spec, 0).unwrap();
-        let sheet = contact_sheet(
-            b.preview.as_ref().unwrap(),
-            Some((&b.sample_masks(0), b.grid())),
-        );
+        let sheet = contact_sheet(b.preview.as_ref().unwrap(), Some((&b.sample_masks(0), b.grid())));
         assert_eq!(sheet.height(), 32 + 2 * g);
     }
 }

@@ -24,20 +24,14 @@ pub struct Preprocess {
 
 impl Default for Preprocess {
     fn default() -> Self {
-        Preprocess {
-            size: 224,
-            crop_fraction: 1.0,
-        }
+        Preprocess { size: 224, crop_fraction: 1.0 }
     }
 }
 
 impl Preprocess {
     /// A preprocess with the given output size and `crop_fraction` 1.0.
     pub fn new(size: u32) -> Self {
-        Preprocess {
-            size,
-            crop_fraction: 1.0,
-        }
+        Preprocess { size, crop_fraction: 1.0 }
     }
 
     /// Output side, at least 1.
@@ -71,21 +65,12 @@ impl Preprocess {
         }
         // Shorter side -> target; longer side scaled and truncated like torchvision.
         let (nw, nh) = if w <= h {
-            (
-                target,
-                ((h as u64 * target as u64) / w as u64).max(target as u64) as u32,
-            )
+            (target, ((h as u64 * target as u64) / w as u64).max(target as u64) as u32)
         } else {
-            (
-                ((w as u64 * target as u64) / h as u64).max(target as u64) as u32,
-                target,
-            )
+            (((w as u64 * target as u64) / h as u64).max(target as u64) as u32, target)
         };
-        let resized = if (nw, nh) == (w, h) {
-            Cow::Borrowed(img)
-        } else {
-            Cow::Owned(imageops::resize(img, nw, nh, FilterType::CatmullRom))
-        };
+        let resized =
+            if (nw, nh) == (w, h) { Cow::Borrowed(img) } else { Cow::Owned(imageops::resize(img, nw, nh, FilterType::CatmullRom)) };
         if (nw, nh) == (size, size) {
             return resized;
         }
@@ -128,11 +113,7 @@ pub fn normalize_chw(img: &RgbImage) -> Vec<f32> {
 /// If `data.len() != 3 * width * height`.
 pub fn denormalize_chw_to_rgb(data: &[f32], width: u32, height: u32) -> RgbImage {
     let plane = width as usize * height as usize;
-    assert_eq!(
-        data.len(),
-        3 * plane,
-        "denormalize_chw_to_rgb: expected 3*{width}*{height} values"
-    );
+    assert_eq!(data.len(), 3 * plane, "denormalize_chw_to_rgb: expected 3*{width}*{height} values");
     let mut raw = vec![0u8; 3 * plane];
     for (c, chan) in data.chunks_exact(plane.max(1)).enumerate().take(3) {
         for (i, &v) in chan.iter().enumerate() {
@@ -146,15 +127,8 @@ pub fn denormalize_chw_to_rgb(data: &[f32], width: u32, height: u32) -> RgbImage
 /// Decodes and preprocesses `items` in parallel. Returns the concatenated CHW data of the
 /// images that could be read and their indices into `items`; the others are recorded in
 /// `skips` (in input order).
-pub fn load_batch(
-    items: &[PathBuf],
-    pre: &Preprocess,
-    skips: &mut SkipReport,
-) -> (Vec<f32>, Vec<usize>) {
-    let results: Vec<_> = items
-        .par_iter()
-        .map(|p| decode_rgb(p).map(|img| pre.to_tensor_data(&img)))
-        .collect();
+pub fn load_batch(items: &[PathBuf], pre: &Preprocess, skips: &mut SkipReport) -> (Vec<f32>, Vec<usize>) {
+    let results: Vec<_> = items.par_iter().map(|p| decode_rgb(p).map(|img| pre.to_tensor_data(&img))).collect();
     let mut data = Vec::with_capacity(pre.values_per_image() * items.len());
     let mut kept = Vec::with_capacity(items.len());
     for (i, r) in results.into_iter().enumerate() {
@@ -189,17 +163,11 @@ mod tests {
 
     #[test]
     fn resize_target_follows_crop_fraction() {
-        let pre = Preprocess {
-            size: 224,
-            crop_fraction: 0.875,
-        };
+        let pre = Preprocess { size: 224, crop_fraction: 0.875 };
         assert_eq!(pre.resize_target(), 256);
         assert_eq!(Preprocess::new(224).resize_target(), 224);
         for bad in [0.0, -1.0, 2.0, f32::NAN] {
-            let p = Preprocess {
-                size: 16,
-                crop_fraction: bad,
-            };
+            let p = Preprocess { size: 16, crop_fraction: bad };
             assert_eq!(p.resize_target(), 16);
             assert_eq!(p.apply(&RgbImage::new(40, 20)).dimensions(), (16, 16));
         }
@@ -218,10 +186,7 @@ mod tests {
 
         // crop_fraction 0.5: shorter side 8 -> 16, then the central 8x8.
         let small = RgbImage::from_fn(8, 8, |x, _| Rgb([if x < 4 { 0 } else { 255 }, 0, 0]));
-        let pre = Preprocess {
-            size: 8,
-            crop_fraction: 0.5,
-        };
+        let pre = Preprocess { size: 8, crop_fraction: 0.5 };
         let out = pre.apply(&small);
         assert_eq!(out.dimensions(), (8, 8));
         assert!(out.get_pixel(0, 4).0[0] < 30 && out.get_pixel(7, 4).0[0] > 225);
@@ -240,11 +205,7 @@ mod tests {
         ];
         for c in 0..3 {
             for v in &data[c * 16..(c + 1) * 16] {
-                assert!(
-                    (v - expect[c]).abs() < 1e-5,
-                    "channel {c}: {v} vs {}",
-                    expect[c]
-                );
+                assert!((v - expect[c]).abs() < 1e-5, "channel {c}: {v} vs {}", expect[c]);
             }
         }
         assert!((data[0] - 2.248_908).abs() < 1e-5);
@@ -266,13 +227,7 @@ mod tests {
 
     #[test]
     fn denormalize_inverts_normalize() {
-        let img = RgbImage::from_fn(13, 7, |x, y| {
-            Rgb([
-                (x * 19 + y) as u8,
-                (y * 37) as u8,
-                ((x * y * 11) % 256) as u8,
-            ])
-        });
+        let img = RgbImage::from_fn(13, 7, |x, y| Rgb([(x * 19 + y) as u8, (y * 37) as u8, ((x * y * 11) % 256) as u8]));
         let back = denormalize_chw_to_rgb(&normalize_chw(&img), 13, 7);
         for (a, b) in img.pixels().zip(back.pixels()) {
             for c in 0..3 {
@@ -292,9 +247,7 @@ mod tests {
         let bad_trunc = dir.path().join("truncated.jpg");
         let bad_empty = dir.path().join("empty.png");
         let bad_text = dir.path().join("text.png");
-        RgbImage::from_pixel(20, 10, Rgb([255, 0, 0]))
-            .save(&good1)
-            .unwrap();
+        RgbImage::from_pixel(20, 10, Rgb([255, 0, 0])).save(&good1).unwrap();
         let jpg = {
             let img = RgbImage::from_fn(40, 40, |x, y| Rgb([(x * 6) as u8, (y * 6) as u8, 99]));
             let mut buf = std::io::Cursor::new(Vec::new());
@@ -306,14 +259,7 @@ mod tests {
         std::fs::write(&bad_empty, b"").unwrap();
         std::fs::write(&bad_text, b"hello").unwrap();
 
-        let items = vec![
-            bad_trunc.clone(),
-            good1.clone(),
-            bad_empty.clone(),
-            good2,
-            bad_text.clone(),
-            dir.path().join("missing.png"),
-        ];
+        let items = vec![bad_trunc.clone(), good1.clone(), bad_empty.clone(), good2, bad_text.clone(), dir.path().join("missing.png")];
         let pre = Preprocess::new(8);
         let mut skips = SkipReport::default();
         let (data, kept) = load_batch(&items, &pre, &mut skips);
@@ -322,20 +268,9 @@ mod tests {
         assert!((data[0] - (1.0 - 0.485) / 0.229).abs() < 1e-4); // first kept is the red PNG
         assert_eq!(skips.count(), 4);
         let skipped: Vec<_> = skips.skipped.iter().map(|(p, _)| p.clone()).collect();
-        assert_eq!(
-            skipped,
-            vec![
-                bad_trunc,
-                bad_empty,
-                bad_text,
-                dir.path().join("missing.png")
-            ]
-        );
+        assert_eq!(skipped, vec![bad_trunc, bad_empty, bad_text, dir.path().join("missing.png")]);
         let summary = skips.summary().unwrap();
-        assert!(
-            summary.starts_with("skipped 4 unreadable images: "),
-            "{summary}"
-        );
+        assert!(summary.starts_with("skipped 4 unreadable images: "), "{summary}");
         assert!(summary.contains("truncated.jpg"));
 
         let (data, kept) = load_batch(&[], &pre, &mut skips);

@@ -28,13 +28,7 @@ pub enum SceneClass {
 impl SceneClass {
     /// All classes, in [`SceneClass::index`] order. Note that ImageFolder labels follow the
     /// sorted folder names instead (fields, forest, roads, roofs, water).
-    pub const ALL: [SceneClass; 5] = [
-        SceneClass::Fields,
-        SceneClass::Forest,
-        SceneClass::Water,
-        SceneClass::Roads,
-        SceneClass::Roofs,
-    ];
+    pub const ALL: [SceneClass; 5] = [SceneClass::Fields, SceneClass::Forest, SceneClass::Water, SceneClass::Roads, SceneClass::Roofs];
 
     /// Lower-case name, used as folder name.
     pub fn name(self) -> &'static str {
@@ -78,9 +72,7 @@ use super::rng::mix64;
 
 #[inline]
 fn hash2(x: i32, y: i32, seed: u32) -> u32 {
-    let mut h = (x as u32).wrapping_mul(0x8DA6_B343)
-        ^ (y as u32).wrapping_mul(0xD816_3841)
-        ^ seed.wrapping_mul(0xCB1A_B31F);
+    let mut h = (x as u32).wrapping_mul(0x8DA6_B343) ^ (y as u32).wrapping_mul(0xD816_3841) ^ seed.wrapping_mul(0xCB1A_B31F);
     h ^= h >> 15;
     h = h.wrapping_mul(0x2C1B_3C6D);
     h ^= h >> 12;
@@ -156,11 +148,7 @@ struct Noise {
 impl Noise {
     fn new(rng: &mut Xoshiro256PlusPlus) -> Self {
         let r = rng.random::<u32>();
-        Noise {
-            ox: (r & 0xFF) as i32,
-            oy: ((r >> 8) & 0xFF) as i32,
-            scramble: (r >> 16) as u8,
-        }
+        Noise { ox: (r & 0xFF) as i32, oy: ((r >> 8) & 0xFF) as i32, scramble: (r >> 16) as u8 }
     }
 
     /// Value noise in [0, 1].
@@ -242,11 +230,7 @@ type Col = [f32; 3];
 
 #[inline]
 fn mix(a: Col, b: Col, t: f32) -> Col {
-    [
-        a[0] + (b[0] - a[0]) * t,
-        a[1] + (b[1] - a[1]) * t,
-        a[2] + (b[2] - a[2]) * t,
-    ]
+    [a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t, a[2] + (b[2] - a[2]) * t]
 }
 
 #[inline]
@@ -285,10 +269,7 @@ struct Frame {
 
 impl Frame {
     fn new(angle: f32) -> Self {
-        Frame {
-            cos: angle.cos(),
-            sin: angle.sin(),
-        }
+        Frame { cos: angle.cos(), sin: angle.sin() }
     }
 
     #[inline]
@@ -309,16 +290,8 @@ struct Post {
 impl Post {
     fn new(rng: &mut Xoshiro256PlusPlus, noise_amp: f32) -> Self {
         let g = rng.random_range(0.9..1.1);
-        let gain = [
-            g * rng.random_range(0.96..1.04),
-            g,
-            g * rng.random_range(0.96..1.04),
-        ];
-        let haze = if rng.random_bool(0.3) {
-            rng.random_range(0.0..0.15)
-        } else {
-            0.0
-        };
+        let gain = [g * rng.random_range(0.96..1.04), g, g * rng.random_range(0.96..1.04)];
+        let haze = if rng.random_bool(0.3) { rng.random_range(0.0..0.15) } else { 0.0 };
         let haze_col: Col = [0.62, 0.66, 0.72];
         Post {
             gain: gain.map(|g| g * (1.0 - haze) * 255.0),
@@ -406,21 +379,13 @@ fn fields(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
         let mut a = -0.75 + rng.random_range(-0.3..0.0);
         while a < 0.75 {
             a += rng.random_range(0.12..0.8);
-            let idx = if rng.random_bool(0.6) {
-                pick(rng, &favourites)
-            } else {
-                rng.random_range(0..PALETTE.len())
-            };
+            let idx = if rng.random_bool(0.6) { pick(rng, &favourites) } else { rng.random_range(0..PALETTE.len()) };
             let rows = rng.random_bool(0.6);
             parcels.push(Parcel {
                 end: a,
                 color: jitter(rng, PALETTE[idx], 0.08),
                 rows_freq: rng.random_range(14.0..30.0),
-                rows_amp: if rows {
-                    rng.random_range(0.04..0.12)
-                } else {
-                    0.0
-                },
+                rows_amp: if rows { rng.random_range(0.04..0.12) } else { 0.0 },
                 rows_across: rng.random_bool(0.8),
             });
         }
@@ -431,11 +396,7 @@ fn fields(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
     } else {
         [0.66, 0.62, 0.52] // dirt track
     };
-    let border_w = if rng.random_bool(0.7) {
-        rng.random_range(0.004..0.012)
-    } else {
-        0.0
-    };
+    let border_w = if rng.random_bool(0.7) { rng.random_range(0.004..0.012) } else { 0.0 };
     let wobble = Grid::fbm(size, Noise::new(rng), 3.0, 1);
     let moisture = Grid::fbm(size, Noise::new(rng), 4.0, 2);
     let detail = Noise::new(rng);
@@ -446,10 +407,7 @@ fn fields(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
         let b = b + (wobble.at(u, v) - 0.5) * 0.015;
         let si = strips.partition_point(|s| s.end <= b).min(strips.len() - 1);
         let strip = &strips[si];
-        let pi = strip
-            .parcels
-            .partition_point(|p| p.end <= a)
-            .min(strip.parcels.len() - 1);
+        let pi = strip.parcels.partition_point(|p| p.end <= a).min(strip.parcels.len() - 1);
         let parcel = &strip.parcels[pi];
         let mut c = parcel.color;
         if parcel.rows_amp > 0.0 {
@@ -460,14 +418,8 @@ fn fields(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
         c = scale(c, 0.86 + 0.28 * n);
         if border_w > 0.0 {
             let strip_start = if si == 0 { -1.0 } else { strips[si - 1].end };
-            let parcel_start = if pi == 0 {
-                -1.0
-            } else {
-                strip.parcels[pi - 1].end
-            };
-            let d = (b - strip_start)
-                .min(strip.end - b)
-                .min((a - parcel_start).min(parcel.end - a) * 2.0);
+            let parcel_start = if pi == 0 { -1.0 } else { strip.parcels[pi - 1].end };
+            let d = (b - strip_start).min(strip.end - b).min((a - parcel_start).min(parcel.end - a) * 2.0);
             let k = coverage(d - border_w * 0.5, px);
             c = mix(c, border_col, k * 0.8);
         }
@@ -487,16 +439,8 @@ struct Crown {
 /// Dense canopy of shaded tree crowns over dark gaps.
 fn forest(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
     let conifer = rng.random_bool(0.4);
-    let cells: f32 = if conifer {
-        rng.random_range(12.0..20.0)
-    } else {
-        rng.random_range(7.0..13.0)
-    };
-    let base = if conifer {
-        jitter(rng, [0.10, 0.19, 0.09], 0.12)
-    } else {
-        jitter(rng, [0.15, 0.26, 0.10], 0.12)
-    };
+    let cells: f32 = if conifer { rng.random_range(12.0..20.0) } else { rng.random_range(7.0..13.0) };
+    let base = if conifer { jitter(rng, [0.10, 0.19, 0.09], 0.12) } else { jitter(rng, [0.15, 0.26, 0.10], 0.12) };
     let alt = jitter(rng, [0.20, 0.27, 0.12], 0.15); // olive/brownish patches
     let gap = [0.03, 0.06, 0.03];
     let sun = rng.random_range(0.0..2.0 * PI);
@@ -656,29 +600,18 @@ fn roads(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
             // Cross the main road near the middle of the tile: an intersection.
             let main = &list[0];
             let along = rng.random_range(-0.2..0.2);
-            origin = (
-                main.origin.0 + along * main.frame.cos,
-                main.origin.1 + along * main.frame.sin,
-            );
+            origin = (main.origin.0 + along * main.frame.cos, main.origin.1 + along * main.frame.sin);
             angle = main.frame.sin.atan2(main.frame.cos) + PI / 2.0 + rng.random_range(-0.4..0.4);
         } else {
             angle = rng.random_range(0.0..PI);
             origin = (rng.random_range(0.25..0.75), rng.random_range(0.25..0.75));
         }
-        let half_width = if i == 0 {
-            rng.random_range(0.02..0.045)
-        } else {
-            rng.random_range(0.014..0.035)
-        };
+        let half_width = if i == 0 { rng.random_range(0.02..0.045) } else { rng.random_range(0.014..0.035) };
         let grey = asphalt * rng.random_range(0.9..1.1);
         list.push(Road {
             origin,
             frame: Frame::new(angle),
-            bend: if rng.random_bool(0.5) {
-                rng.random_range(-1.5..1.5)
-            } else {
-                0.0
-            },
+            bend: if rng.random_bool(0.5) { rng.random_range(-1.5..1.5) } else { 0.0 },
             half_width,
             color: [grey * 0.98, grey, grey * 1.03],
             centre_line: half_width > 0.025 && rng.random_bool(0.7),
@@ -699,11 +632,7 @@ fn roads(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
         c = mix(c, soil, smoothstep(0.6, 0.8, soil_patches.at(u, v)) * 0.7);
         c = scale(c, 0.88 + 0.24 * g);
         let t = trees.at(u, v) + (g - 0.5) * 0.08;
-        c = mix(
-            c,
-            tree,
-            smoothstep(0.74 - tree_density, 0.8 - tree_density, t) * 0.85,
-        );
+        c = mix(c, tree, smoothstep(0.74 - tree_density, 0.8 - tree_density, t) * 0.85);
         for r in &list {
             let (d, s) = r.distance(u, v);
             let outer = r.half_width + verge_w;
@@ -738,11 +667,8 @@ impl House {
         let (a, b) = self.frame.apply(x - self.centre.0, y - self.centre.1);
         let d = (a.abs() - self.half.0).max(b.abs() - self.half.1);
         // The ridge runs along the longer side; each half slopes away from it.
-        let (axis, t) = if self.half.0 >= self.half.1 {
-            ((-self.frame.sin, self.frame.cos), b)
-        } else {
-            ((self.frame.cos, self.frame.sin), a)
-        };
+        let (axis, t) =
+            if self.half.0 >= self.half.1 { ((-self.frame.sin, self.frame.cos), b) } else { ((self.frame.cos, self.frame.sin), a) };
         let facing = t.signum() * (axis.0 * towards.0 + axis.1 * towards.1) > 0.0;
         (d, facing)
     }
@@ -764,11 +690,7 @@ fn roofs(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
     let cell = rng.random_range(0.09..0.15);
     let aspect = rng.random_range(1.0..1.4);
     let (cell_a, cell_b) = (cell * aspect, cell);
-    let street = if rng.random_bool(0.6) {
-        rng.random_range(0.15..0.3)
-    } else {
-        0.0
-    };
+    let street = if rng.random_bool(0.6) { rng.random_range(0.15..0.3) } else { 0.0 };
     let occupancy = rng.random_range(0.7..0.95);
     let sun = rng.random_range(0.0..2.0 * PI);
     let shadow_len = rng.random_range(0.06..0.14);
@@ -802,10 +724,7 @@ fn roofs(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
                 idx += 1;
             }
             houses.push(Some(House {
-                centre: (
-                    i as f32 + 0.5 + (r(5) - 0.5) * 0.1,
-                    j as f32 + street + top * 0.5 + (r(6) - 0.5) * 0.08,
-                ),
+                centre: (i as f32 + 0.5 + (r(5) - 0.5) * 0.1, j as f32 + street + top * 0.5 + (r(6) - 0.5) * 0.08),
                 frame: Frame::new((r(7) - 0.5) * 0.2),
                 half,
                 color: scale(ROOF[idx], 0.88 + 0.24 * r(4)),
@@ -815,11 +734,7 @@ fn roofs(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
     }
     let house_at = |i: i32, j: i32| -> Option<&House> {
         let (a, b) = ((i - i0) as usize, (j - j0) as usize);
-        if a < ni && b < nj {
-            houses[b * ni + a].as_ref()
-        } else {
-            None
-        }
+        if a < ni && b < nj { houses[b * ni + a].as_ref() } else { None }
     };
     let ground_noise = Grid::fbm(size, Noise::new(rng), 6.0, 2);
     let trees = Grid::fbm(size, Noise::new(rng), 12.0, 1);
@@ -867,43 +782,24 @@ fn roofs(rng: &mut Xoshiro256PlusPlus, size: u32) -> RgbImage {
 
 /// Writes `per_class` PNG tiles per class as `dir/<class>/<class>_<i>.png` (ImageFolder layout)
 /// and returns the scan of `dir` (which includes any other images already there).
-pub fn generate_image_folder(
-    dir: &Path,
-    per_class: usize,
-    size: u32,
-    seed: u64,
-) -> Result<ImageList, DataError> {
+pub fn generate_image_folder(dir: &Path, per_class: usize, size: u32, seed: u64) -> Result<ImageList, DataError> {
     generate_shifted_image_folder(dir, per_class, size, seed, Shift::Source)
 }
 
 /// [`generate_image_folder`] with the tiles seen through `shift`.
-pub fn generate_shifted_image_folder(
-    dir: &Path,
-    per_class: usize,
-    size: u32,
-    seed: u64,
-    shift: Shift,
-) -> Result<ImageList, DataError> {
+pub fn generate_shifted_image_folder(dir: &Path, per_class: usize, size: u32, seed: u64, shift: Shift) -> Result<ImageList, DataError> {
     for class in SceneClass::ALL {
         let sub = dir.join(class.name());
         std::fs::create_dir_all(&sub).map_err(|e| DataError::io(&sub, e))?;
     }
-    let jobs: Vec<(SceneClass, usize)> = SceneClass::ALL
-        .into_iter()
-        .flat_map(|c| (0..per_class).map(move |i| (c, i)))
-        .collect();
+    let jobs: Vec<(SceneClass, usize)> = SceneClass::ALL.into_iter().flat_map(|c| (0..per_class).map(move |i| (c, i))).collect();
     jobs.into_par_iter().try_for_each(|(class, i)| {
         let tile_seed = mix64(seed ^ mix64(i as u64));
         let img = shift.apply(generate_tile(class, tile_seed, size), tile_seed);
-        let path = dir
-            .join(class.name())
-            .join(format!("{}_{i}.png", class.name()));
+        let path = dir.join(class.name()).join(format!("{}_{i}.png", class.name()));
         img.save(&path).map_err(|e| match e {
             image::ImageError::IoError(source) => DataError::Io { path, source },
-            other => DataError::Encode {
-                path,
-                reason: other.to_string(),
-            },
+            other => DataError::Encode { path, reason: other.to_string() },
         })
     })?;
     ImageList::scan(dir)
@@ -994,8 +890,7 @@ impl ProceduralDomain {
     /// in a seed-dependent shuffled order.
     pub fn class_of(&self, index: u64) -> SceneClass {
         let n = SceneClass::ALL.len() as u64;
-        let mut rng =
-            Xoshiro256PlusPlus::seed_from_u64(mix64(self.seed ^ 0x5EED_C1A5) ^ mix64(index / n));
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(mix64(self.seed ^ 0x5EED_C1A5) ^ mix64(index / n));
         let mut order = SceneClass::ALL;
         for k in (1..order.len()).rev() {
             let j = rng.random_range(0..=k);
@@ -1013,10 +908,7 @@ impl ProceduralDomain {
 
     /// Samples `start..start + count`, generated in parallel.
     pub fn batch(&self, start: u64, count: usize) -> Vec<(RgbImage, SceneClass)> {
-        (0..count as u64)
-            .into_par_iter()
-            .map(|k| self.sample(start + k))
-            .collect()
+        (0..count as u64).into_par_iter().map(|k| self.sample(start + k)).collect()
     }
 }
 
@@ -1091,10 +983,7 @@ mod tests {
             assert_eq!(generate_tile(class, 1, 1).dimensions(), (1, 1));
         }
         // Same class and seed but different classes give different images.
-        assert_ne!(
-            generate_tile(SceneClass::Fields, 7, 32),
-            generate_tile(SceneClass::Roofs, 7, 32)
-        );
+        assert_ne!(generate_tile(SceneClass::Fields, 7, 32), generate_tile(SceneClass::Roofs, 7, 32));
     }
 
     #[test]
@@ -1104,10 +993,7 @@ mod tests {
             let big = mean_rgb(&generate_tile(class, 9, 128));
             let small = mean_rgb(&generate_tile(class, 9, 64));
             for c in 0..3 {
-                assert!(
-                    (big[c] - small[c]).abs() < 8.0,
-                    "{class}: {big:?} vs {small:?}"
-                );
+                assert!((big[c] - small[c]).abs() < 8.0, "{class}: {big:?} vs {small:?}");
             }
         }
     }
@@ -1137,12 +1023,7 @@ mod tests {
 
     #[test]
     fn texture_differs_between_water_and_roofs() {
-        let avg = |class: SceneClass| {
-            (0..8)
-                .map(|s| roughness(&generate_tile(class, s, 64)))
-                .sum::<f64>()
-                / 8.0
-        };
+        let avg = |class: SceneClass| (0..8).map(|s| roughness(&generate_tile(class, s, 64))).sum::<f64>() / 8.0;
         let water = avg(SceneClass::Water);
         let roofs = avg(SceneClass::Roofs);
         let forest = avg(SceneClass::Forest);
@@ -1189,8 +1070,7 @@ mod tests {
             std::array::from_fn(|c| img.pixels().map(|p| p.0[c] as f64).sum::<f64>() / n)
         };
         let spread = |d: &ProceduralDomain| {
-            let forests: Vec<[f64; 3]> =
-                (0..60).filter(|&i| d.class_of(i) == SceneClass::Forest).map(|i| mean(&d.sample(i).0)).collect();
+            let forests: Vec<[f64; 3]> = (0..60).filter(|&i| d.class_of(i) == SceneClass::Forest).map(|i| mean(&d.sample(i).0)).collect();
             let green_minus_red: Vec<f64> = forests.iter().map(|m| m[1] - m[0]).collect();
             let avg = green_minus_red.iter().sum::<f64>() / green_minus_red.len() as f64;
             (green_minus_red.iter().map(|v| (v - avg).powi(2)).sum::<f64>() / green_minus_red.len() as f64).sqrt()
@@ -1202,10 +1082,7 @@ mod tests {
     fn image_folder_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let list = generate_image_folder(dir.path(), 3, 24, 11).unwrap();
-        assert_eq!(
-            list.classes,
-            ["fields", "forest", "roads", "roofs", "water"]
-        );
+        assert_eq!(list.classes, ["fields", "forest", "roads", "roofs", "water"]);
         assert_eq!(list.len(), 15);
         assert!(dir.path().join("water/water_2.png").is_file());
         for item in &list.items {

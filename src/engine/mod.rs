@@ -10,15 +10,7 @@ use std::time::Instant;
 /// `YYYYmmdd-HHMMSS` in UTC, for run folder names.
 pub fn utc_stamp() -> String {
     let t = time::OffsetDateTime::now_utc();
-    format!(
-        "{:04}{:02}{:02}-{:02}{:02}{:02}",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    format!("{:04}{:02}{:02}-{:02}{:02}{:02}", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute(), t.second())
 }
 
 /// The phases a job goes through. Faces act on the typed ones (the app cuts its plots when

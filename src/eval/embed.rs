@@ -5,11 +5,11 @@ use std::sync::mpsc;
 
 use anyhow::Context;
 
-use crate::inspect::images_tensor;
-use crate::model::to_vec;
 use crate::checkpoint::{Metadata, RawTensor, TensorMap, read_safetensors, write_safetensors};
 use crate::data::{ImageList, Preprocess, SkipReport, load_batch};
 use crate::engine::{Flow, JobContext};
+use crate::inspect::images_tensor;
+use crate::model::to_vec;
 use crate::model::{ForwardOptions, Vit};
 
 /// Features of the images that decoded, in folder order.
@@ -46,11 +46,7 @@ impl Features {
 
     /// The class index of every row (an image without a label is an error).
     pub fn labels(&self) -> anyhow::Result<Vec<usize>> {
-        self.labels
-            .iter()
-            .zip(&self.paths)
-            .map(|(l, p)| l.ok_or_else(|| anyhow::anyhow!("{} has no class label", p.display())))
-            .collect()
+        self.labels.iter().zip(&self.paths).map(|(l, p)| l.ok_or_else(|| anyhow::anyhow!("{} has no class label", p.display()))).collect()
     }
 
     /// Reads a file written by [`Features::save`]; `key` is the cache key it was saved with.
@@ -111,22 +107,12 @@ impl Features {
 
 /// Runs the backbone over `list` in batches of `batch`, decoding the next batch on another
 /// thread while the GPU works on the current one. Unreadable images are skipped and counted.
-pub fn extract(
-    model: &Vit,
-    list: &ImageList,
-    pre: &Preprocess,
-    batch: usize,
-    ctx: &mut JobContext,
-) -> anyhow::Result<Features> {
+pub fn extract(model: &Vit, list: &ImageList, pre: &Preprocess, batch: usize, ctx: &mut JobContext) -> anyhow::Result<Features> {
     let batch = batch.max(1);
     let size = pre.size as usize;
     let device = model.device();
     let total = list.len() as u64;
-    let mut features = Features {
-        dim: model.config().embed_dim,
-        classes: list.classes.clone(),
-        ..Default::default()
-    };
+    let mut features = Features { dim: model.config().embed_dim, classes: list.classes.clone(), ..Default::default() };
     ctx.phase(crate::engine::Phase::Embedding, Some(total));
     let chunks: Vec<Vec<usize>> = (0..list.len()).collect::<Vec<_>>().chunks(batch).map(<[usize]>::to_vec).collect();
     let chunks_total = chunks.len();

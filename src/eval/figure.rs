@@ -76,12 +76,16 @@ impl Painter {
 
     /// Shortens `text` with "…" until it is at most `max_w` px wide.
     fn fit(&mut self, text: &str, size: f32, max_w: u32) -> String {
-        if self.measure(text, size).0 <= max_w { return text.to_owned(); }
+        if self.measure(text, size).0 <= max_w {
+            return text.to_owned();
+        }
         let mut chars: Vec<char> = text.chars().take((max_w as f32 / (size * 0.2)) as usize + 2).collect();
         while !chars.is_empty() {
             chars.pop();
             let s: String = chars.iter().collect::<String>() + "…";
-            if self.measure(&s, size).0 <= max_w { return s; }
+            if self.measure(&s, size).0 <= max_w {
+                return s;
+            }
         }
         String::new()
     }
@@ -109,10 +113,14 @@ impl Painter {
 
 /// Alpha-blends `color` over pixel (x, y) with coverage `a` (0..=1); out-of-bounds is ignored.
 fn blend(img: &mut RgbImage, x: i64, y: i64, color: [u8; 3], a: f32) {
-    if a <= 0.0 || x < 0 || y < 0 || x >= img.width() as i64 || y >= img.height() as i64 { return; }
+    if a <= 0.0 || x < 0 || y < 0 || x >= img.width() as i64 || y >= img.height() as i64 {
+        return;
+    }
     let a = a.min(1.0);
     let p = img.get_pixel_mut(x as u32, y as u32);
-    for (d, s) in p.0.iter_mut().zip(color) { *d = (*d as f32 * (1.0 - a) + s as f32 * a).round() as u8; }
+    for (d, s) in p.0.iter_mut().zip(color) {
+        *d = (*d as f32 * (1.0 - a) + s as f32 * a).round() as u8;
+    }
 }
 
 /// Fills the rectangle [x, x+w) × [y, y+h), clipped to the image.
@@ -120,13 +128,17 @@ fn fill_rect(img: &mut RgbImage, x: i64, y: i64, w: i64, h: i64, color: [u8; 3])
     let (x0, y0) = (x.max(0), y.max(0));
     let (x1, y1) = ((x + w).min(img.width() as i64), (y + h).min(img.height() as i64));
     for yy in y0..y1 {
-        for xx in x0..x1 { img.put_pixel(xx as u32, yy as u32, Rgb(color)); }
+        for xx in x0..x1 {
+            img.put_pixel(xx as u32, yy as u32, Rgb(color));
+        }
     }
 }
 
 /// Anti-aliased line segment of the given width, clipped to the image.
 fn line(img: &mut RgbImage, (x0, y0): (f32, f32), (x1, y1): (f32, f32), width: f32, color: [u8; 3]) {
-    if ![x0, y0, x1, y1].iter().all(|v| v.is_finite() && v.abs() < 1e6) { return; }
+    if ![x0, y0, x1, y1].iter().all(|v| v.is_finite() && v.abs() < 1e6) {
+        return;
+    }
     let r = width / 2.0 + 1.0;
     let bx0 = (x0.min(x1) - r).floor().max(0.0) as i64;
     let by0 = (y0.min(y1) - r).floor().max(0.0) as i64;
@@ -180,8 +192,12 @@ pub fn confusion_matrix(matrix: &[Vec<u64>], classes: &[String], title: &str) ->
 fn draw_confusion(matrix: &[Vec<u64>], classes: &[String], title: &str) -> (RgbImage, [i64; 3]) {
     let mut p = Painter::new();
     let n = matrix.len();
-    if n == 0 { return (message_image(&mut p, title, "no data"), [0; 3]); }
-    if n > 1500 { return (message_image(&mut p, title, &format!("too many classes ({n})")), [0; 3]); }
+    if n == 0 {
+        return (message_image(&mut p, title, "no data"), [0; 3]);
+    }
+    if n > 1500 {
+        return (message_image(&mut p, title, &format!("too many classes ({n})")), [0; 3]);
+    }
     let get = |i: usize, j: usize| matrix.get(i).and_then(|r| r.get(j)).copied().unwrap_or(0);
     let row_sum: Vec<u64> = (0..n).map(|i| (0..n).fold(0u64, |s, j| s.saturating_add(get(i, j)))).collect();
     let total = row_sum.iter().fold(0u64, |s, &v| s.saturating_add(v));
@@ -210,7 +226,13 @@ fn draw_confusion(matrix: &[Vec<u64>], classes: &[String], title: &str) -> (RgbI
     let (sw, sh) = p.measure(&sub, 12.0);
     let sh = sh as i64;
     let ah = p.measure("predicted class", axis_size).1 as i64;
-    let col_h = if !show_labels { 0 } else if vertical { max_name } else { p.measure("Ag", label_size).1 as i64 };
+    let col_h = if !show_labels {
+        0
+    } else if vertical {
+        max_name
+    } else {
+        p.measure("Ag", label_size).1 as i64
+    };
     let recall_w = p.measure("recall", axis_size).0.max(p.measure("100.0%", 13.0).0) as i64;
 
     let mx = pad + ah + 6 + max_name + 8; // matrix left
@@ -285,18 +307,27 @@ fn axis(lo: f64, hi: f64, target: f64) -> (f64, f64, Vec<f64>, usize) {
     let raw = (hi - lo) / target;
     let mag = 10f64.powf(raw.log10().floor());
     let r = raw / mag;
-    let step = mag * if r < 1.5 { 1.0 } else if r < 3.5 { 2.0 } else if r < 7.5 { 5.0 } else { 10.0 };
-    if !(step.is_finite() && step > 0.0) { return (lo, hi, vec![lo, hi], 2); }
+    let step = mag
+        * if r < 1.5 {
+            1.0
+        } else if r < 3.5 {
+            2.0
+        } else if r < 7.5 {
+            5.0
+        } else {
+            10.0
+        };
+    if !(step.is_finite() && step > 0.0) {
+        return (lo, hi, vec![lo, hi], 2);
+    }
     let (a, b) = ((lo / step).floor() * step, (hi / step).ceil() * step);
     let ticks: Vec<f64> = (0..=((b - a) / step).round().min(100.0) as usize).map(|k| a + k as f64 * step).collect();
     let decimals = (-step.log10().floor()).clamp(0.0, 8.0) as usize;
     (a, b, ticks, decimals)
 }
 
-const PALETTE: [[u8; 3]; 8] = [
-    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
-    [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127],
-];
+const PALETTE: [[u8; 3]; 8] =
+    [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127]];
 
 /// A small line chart (e.g. validation accuracy per epoch): several named series over x, axes with a few tick labels, legend.
 /// Non-finite points are skipped; `width`/`height` are clamped to 160..=4000 px.
@@ -312,7 +343,9 @@ pub fn line_chart(series: &[(&str, Vec<(f64, f64)>)], title: &str, x_label: &str
     let pts: Vec<Vec<(f64, f64)>> =
         series.iter().map(|(_, v)| v.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect()).collect();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
-    for &(x, y) in pts.iter().flatten() { (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y)); }
+    for &(x, y) in pts.iter().flatten() {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
     let top = 6 + th as i64 + 10;
     if !(x0 <= x1 && (x1 - x0).is_finite() && (y1 - y0).is_finite()) {
         p.text(&mut img, (w / 2 - 25) as i32, (h / 2) as i32, "no data", 14.0, GREY);
@@ -366,9 +399,13 @@ pub fn line_chart(series: &[(&str, Vec<(f64, f64)>)], title: &str, x_label: &str
 
     for (k, (pts, name)) in pts.iter().zip(&names).enumerate() {
         let c = PALETTE[k % PALETTE.len()];
-        for s in pts.windows(2) { line(&mut img, (mapx(s[0].0), mapy(s[0].1)), (mapx(s[1].0), mapy(s[1].1)), 2.0, c); }
+        for s in pts.windows(2) {
+            line(&mut img, (mapx(s[0].0), mapy(s[0].1)), (mapx(s[1].0), mapy(s[1].1)), 2.0, c);
+        }
         if pts.len() <= 60 {
-            for &(x, y) in pts { line(&mut img, (mapx(x), mapy(y)), (mapx(x), mapy(y)), 5.0, c); }
+            for &(x, y) in pts {
+                line(&mut img, (mapx(x), mapy(y)), (mapx(x), mapy(y)), 5.0, c);
+            }
         }
         let ly = py0 + 4 + k as i64 * (kh + 6);
         line(&mut img, ((px1 + 12) as f32, (ly + kh / 2) as f32), ((px1 + 32) as f32, (ly + kh / 2) as f32), 2.5, c);
@@ -429,7 +466,15 @@ mod tests {
     }
 
     fn cm(n: usize) -> Vec<Vec<u64>> {
-        let v = |i: usize, j: usize| if i == j { 200 + 17 * i as u64 } else if (i + 2 * j).is_multiple_of(7) { (i * j) as u64 % 23 } else { 0 };
+        let v = |i: usize, j: usize| {
+            if i == j {
+                200 + 17 * i as u64
+            } else if (i + 2 * j).is_multiple_of(7) {
+                (i * j) as u64 % 23
+            } else {
+                0
+            }
+        };
         (0..n).map(|i| (0..n).map(|j| v(i, j)).collect()).collect()
     }
 

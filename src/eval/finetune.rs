@@ -14,21 +14,21 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::rngs::Xoshiro256PlusPlus;
 use rand::SeedableRng;
+use rand::rngs::Xoshiro256PlusPlus;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::Metrics;
-use crate::inspect::images_tensor;
-use crate::model::to_vec;
 use crate::checkpoint::{Metadata, RawTensor, TensorMap, load_backbone, save_backbone, write_safetensors};
 use crate::data::{Preprocess, SkipReport, decode_rgb, load_batch, normalize_chw, train_view};
 use crate::engine::{Event, Flow, JobContext};
-use crate::model::{ForwardOptions, Vit};
+use crate::inspect::images_tensor;
 use crate::model::params::{accumulate_grads, map_params, trainable_params};
-use crate::peft::{PlanSpec, apply_plan, merge_lora};
+use crate::model::to_vec;
+use crate::model::{ForwardOptions, Vit};
 use crate::optim::{AdamW, UpdateRule, clip_by_global_norm};
+use crate::peft::{PlanSpec, apply_plan, merge_lora};
 
 /// Fine-tuning settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,9 +113,7 @@ pub struct Classifier {
 impl Classifier {
     pub fn new(backbone: Vit, classes: usize, device: &Device) -> Self {
         let d = backbone.config().embed_dim;
-        let head = LinearConfig::new(2 * d, classes)
-            .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.01 })
-            .init(device);
+        let head = LinearConfig::new(2 * d, classes).with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.01 }).init(device);
         Self { backbone, head }
     }
 
@@ -242,9 +240,8 @@ pub fn finetune(
         config.plan.preset,
         train.len()
     ));
-    let loss_fn = CrossEntropyLossConfig::new()
-        .with_smoothing((config.label_smoothing > 0.0).then_some(config.label_smoothing as f32))
-        .init(&device);
+    let loss_fn =
+        CrossEntropyLossConfig::new().with_smoothing((config.label_smoothing > 0.0).then_some(config.label_smoothing as f32)).init(&device);
     let steps_per_epoch = train.len().div_ceil(config.batch).max(1);
     let total_steps = (config.epochs * steps_per_epoch) as f64;
     let warmup = config.warmup_epochs * steps_per_epoch as f64;

@@ -5,8 +5,8 @@
 //! cosine schedule, all settings in parallel on the CPU (the features are small; the backbone
 //! never runs again).
 
-use rand::rngs::Xoshiro256PlusPlus;
 use rand::SeedableRng;
+use rand::rngs::Xoshiro256PlusPlus;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -78,11 +78,7 @@ impl LinearProbe {
     }
 
     fn logits(&self, x: &[f32]) -> Vec<f32> {
-        self.weight
-            .chunks(self.dim)
-            .zip(&self.bias)
-            .map(|(w, b)| w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>() + b)
-            .collect()
+        self.weight.chunks(self.dim).zip(&self.bias).map(|(w, b)| w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>() + b).collect()
     }
 }
 
@@ -115,8 +111,7 @@ pub fn train_probe(train: Labelled, val: Labelled, dim: usize, classes: usize, c
     let (mean, inv_std) = standardisation(train.features, dim);
     let base = LinearProbe { dim, classes, mean, inv_std, weight: vec![0.0; classes * dim], bias: vec![0.0; classes] };
     let x: Vec<Vec<f32>> = train.features.chunks(dim).map(|r| base.standardise(r)).collect();
-    let settings: Vec<(f64, f64)> =
-        config.lrs.iter().flat_map(|&lr| config.weight_decays.iter().map(move |&wd| (lr, wd))).collect();
+    let settings: Vec<(f64, f64)> = config.lrs.iter().flat_map(|&lr| config.weight_decays.iter().map(move |&wd| (lr, wd))).collect();
     let select = if val.labels.is_empty() { train } else { val };
     let mut trained: Vec<(SweepPoint, LinearProbe)> = settings
         .par_iter()
@@ -208,9 +203,7 @@ mod tests {
     fn blobs(classes: usize, per_class: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
         use rand::RngExt;
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-        let centres: Vec<Vec<f32>> = (0..classes)
-            .map(|c| (0..dim).map(|d| if d % classes == c { 3.0 } else { 0.0 }).collect())
-            .collect();
+        let centres: Vec<Vec<f32>> = (0..classes).map(|c| (0..dim).map(|d| if d % classes == c { 3.0 } else { 0.0 }).collect()).collect();
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for (c, centre) in centres.iter().enumerate() {
             for _ in 0..per_class {

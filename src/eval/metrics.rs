@@ -33,9 +33,8 @@ pub fn paired_bootstrap(a: &[bool], b: &[bool], resamples: usize, seed: u64) -> 
     let n = a.len();
     let diff: Vec<i32> = a.iter().zip(b).map(|(&x, &y)| i32::from(y) - i32::from(x)).collect();
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-    let mut deltas: Vec<f64> = (0..resamples)
-        .map(|_| (0..n).map(|_| diff[rng.random_range(0..n)]).sum::<i32>() as f64 / n as f64)
-        .collect();
+    let mut deltas: Vec<f64> =
+        (0..resamples).map(|_| (0..n).map(|_| diff[rng.random_range(0..n)]).sum::<i32>() as f64 / n as f64).collect();
     deltas.sort_by(f64::total_cmp);
     let at = |q: f64| deltas[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
     Some((at(0.025), at(0.975)))

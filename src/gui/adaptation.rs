@@ -137,7 +137,10 @@ impl AdaptationPanel {
                 });
                 ui.strong(total_label(state).unwrap_or_default());
                 ui.label(format!("backbone: {} parameters", group(budget.backbone)));
-                ui.label(format!("optimizer state (AdamW, 2 × f32 per trainable parameter): {}", mib(budget.optimizer_state_bytes() as u64)));
+                ui.label(format!(
+                    "optimizer state (AdamW, 2 × f32 per trainable parameter): {}",
+                    mib(budget.optimizer_state_bytes() as u64)
+                ));
                 if let Some(bytes) = state.activation_bytes() {
                     let c = &state.config.crops;
                     ui.label(format!(

@@ -56,7 +56,11 @@ impl BatchPanel {
                 let globals = sample.globals.iter().enumerate().map(|(k, img)| Thumb {
                     texture: ctx.load_texture(format!("batch-{j}-g{k}"), rgb_to_color_image(img), egui::TextureOptions::NEAREST),
                     mask: sample.masks.get(k * n..(k + 1) * n).map(<[bool]>::to_vec),
-                    label: format!("sample {j}, global crop {k} ({} px, {} patches masked)", img.width(), sample.masks.get(k * n..(k + 1) * n).map_or(0, |m| m.iter().filter(|&&b| b).count())),
+                    label: format!(
+                        "sample {j}, global crop {k} ({} px, {} patches masked)",
+                        img.width(),
+                        sample.masks.get(k * n..(k + 1) * n).map_or(0, |m| m.iter().filter(|&&b| b).count())
+                    ),
                 });
                 let locals = sample.locals.iter().enumerate().map(|(k, img)| Thumb {
                     texture: ctx.load_texture(format!("batch-{j}-l{k}"), rgb_to_color_image(img), egui::TextureOptions::NEAREST),
@@ -83,12 +87,8 @@ impl BatchPanel {
     }
 
     fn thumb(&self, ui: &mut Ui, thumb: &Thumb, size: f32) -> egui::Response {
-        let response = ui.add(
-            egui::Image::new(&thumb.texture)
-                .fit_to_exact_size(Vec2::splat(size))
-                .sense(Sense::click())
-                .alt_text(&thumb.label),
-        );
+        let response =
+            ui.add(egui::Image::new(&thumb.texture).fit_to_exact_size(Vec2::splat(size)).sense(Sense::click()).alt_text(&thumb.label));
         if let Some(mask) = &thumb.mask {
             draw_mask(ui, response.rect, mask, self.grid);
         }
@@ -130,7 +130,11 @@ impl BatchPanel {
                 ui.horizontal(|ui| {
                     ui.label(format!("sample {j}"));
                     for (k, thumb) in thumbs.iter().enumerate() {
-                        let size = if thumb.mask.is_some() || (k == 0 && preview.samples.get(j).is_some_and(|s| s.source.is_some())) { 96.0 } else { 56.0 };
+                        let size = if thumb.mask.is_some() || (k == 0 && preview.samples.get(j).is_some_and(|s| s.source.is_some())) {
+                            96.0
+                        } else {
+                            56.0
+                        };
                         if self.thumb(ui, thumb, size).clicked() {
                             clicked = Some((j, k));
                         }

@@ -87,11 +87,7 @@ pub fn register(render_state: Option<&egui_wgpu::RenderState>) -> bool {
             wgpu::BindGroupLayoutEntry {
                 binding: 3,
                 visibility: wgpu::ShaderStages::FRAGMENT,
-                ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Uniform,
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
+                ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: false, min_binding_size: None },
                 count: None,
             },
         ],
@@ -104,12 +100,7 @@ pub fn register(render_state: Option<&egui_wgpu::RenderState>) -> bool {
     let pipeline = device.create_render_pipeline(&wgpu::RenderPipelineDescriptor {
         label: Some("explora heatmap"),
         layout: Some(&pipeline_layout),
-        vertex: wgpu::VertexState {
-            module: &module,
-            entry_point: Some("vs_main"),
-            compilation_options: Default::default(),
-            buffers: &[],
-        },
+        vertex: wgpu::VertexState { module: &module, entry_point: Some("vs_main"), compilation_options: Default::default(), buffers: &[] },
         primitive: wgpu::PrimitiveState::default(),
         depth_stencil: None,
         multisample: wgpu::MultisampleState::default(),
@@ -149,7 +140,14 @@ struct HeatmapCallback {
     alpha: f32,
 }
 
-fn texture(device: &wgpu::Device, queue: &wgpu::Queue, size: [u32; 2], format: wgpu::TextureFormat, bytes: &[u8], bytes_per_pixel: u32) -> wgpu::Texture {
+fn texture(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    size: [u32; 2],
+    format: wgpu::TextureFormat,
+    bytes: &[u8],
+    bytes_per_pixel: u32,
+) -> wgpu::Texture {
     let extent = wgpu::Extent3d { width: size[0].max(1), height: size[1].max(1), depth_or_array_layers: 1 };
     let texture = device.create_texture(&wgpu::TextureDescriptor {
         label: Some("explora heatmap"),
@@ -232,12 +230,7 @@ impl egui_wgpu::CallbackTrait for HeatmapCallback {
         Vec::new()
     }
 
-    fn paint(
-        &self,
-        _info: egui::PaintCallbackInfo,
-        render_pass: &mut wgpu::RenderPass<'static>,
-        resources: &egui_wgpu::CallbackResources,
-    ) {
+    fn paint(&self, _info: egui::PaintCallbackInfo, render_pass: &mut wgpu::RenderPass<'static>, resources: &egui_wgpu::CallbackResources) {
         let Some(pipeline) = resources.get::<HeatmapPipeline>() else { return };
         let Some(slot) = pipeline.slots.get(&self.slot) else { return };
         render_pass.set_pipeline(&pipeline.pipeline);
@@ -259,10 +252,7 @@ pub fn show(
 ) -> egui::Response {
     if gpu {
         let (rect, response) = ui.allocate_exact_size(size, egui::Sense::hover());
-        ui.painter().add(egui_wgpu::Callback::new_paint_callback(
-            rect,
-            HeatmapCallback { slot, data: data.clone(), alpha },
-        ));
+        ui.painter().add(egui_wgpu::Callback::new_paint_callback(rect, HeatmapCallback { slot, data: data.clone(), alpha }));
         return response;
     }
     let alpha_key = (alpha * 1000.0) as u32;

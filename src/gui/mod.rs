@@ -331,7 +331,10 @@ impl Smoke {
         match self.showing {
             None => {
                 let Some(next) = self.todo.first().copied() else {
-                    eprintln!("smoke: done after {:.0} s; stopping the run (a checkpoint is written) and closing", began.elapsed().as_secs_f64());
+                    eprintln!(
+                        "smoke: done after {:.0} s; stopping the run (a checkpoint is written) and closing",
+                        began.elapsed().as_secs_f64()
+                    );
                     self.closing = true;
                     ctx.send_viewport_cmd(egui::ViewportCommand::Close);
                     return;

@@ -51,9 +51,7 @@ impl SetupPanel {
         ui.heading("Model");
         let builtin = state.config.model.weights.as_deref().is_some_and(crate::checkpoint::builtin::is_builtin);
         ui.horizontal(|ui| {
-            if ui.radio(builtin, "built-in source backbone (tiny ViT pre-trained on the procedural source domain)").clicked()
-                && !builtin
-            {
+            if ui.radio(builtin, "built-in source backbone (tiny ViT pre-trained on the procedural source domain)").clicked() && !builtin {
                 let mut c = state.config.clone();
                 c.model.weights = Some(PathBuf::from(crate::checkpoint::builtin::SOURCE_TINY));
                 c.model.arch = None;
@@ -106,7 +104,14 @@ impl SetupPanel {
         if text_field(ui, "unlabelled images (empty: procedural satellite-like tiles)", &mut self.images, 360.0).changed() {
             state.config.data.images = non_empty(&self.images);
         }
-        if text_field(ui, "labelled ImageFolder (optional: the k-NN monitor, and a before/after evaluation when the run ends)", &mut self.labelled, 360.0).changed() {
+        if text_field(
+            ui,
+            "labelled ImageFolder (optional: the k-NN monitor, and a before/after evaluation when the run ends)",
+            &mut self.labelled,
+            360.0,
+        )
+        .changed()
+        {
             state.config.set_labelled(non_empty(&self.labelled), true);
         }
 
@@ -140,7 +145,9 @@ impl SetupPanel {
             ("auto".into(), "auto (a GPU when there is one, else the CPU backend)".into()),
             ("cpu".into(), "cpu — burn's native CPU backend".into()),
         ];
-        choices.extend(state.adapters.iter().map(|a| (a.selector.clone(), format!("{} — {} [{} {}]", a.selector, a.name, a.backend, a.device_type))));
+        choices.extend(
+            state.adapters.iter().map(|a| (a.selector.clone(), format!("{} — {} [{} {}]", a.selector, a.name, a.backend, a.device_type))),
+        );
         let current = state.device_choice.to_string();
         let mut chosen = current.clone();
         egui::ComboBox::from_label("adapter for training")

@@ -154,10 +154,8 @@ impl AppState {
             // The shipped source backbone is known without loading it.
             (Some(path), _) if crate::checkpoint::builtin::bytes(path).is_some() => match crate::checkpoint::builtin::config(path) {
                 Ok(vit) => {
-                    self.model_note = format!(
-                        "built-in source backbone: the {} ViT explora pre-trained on the procedural source domain",
-                        vit.name
-                    );
+                    self.model_note =
+                        format!("built-in source backbone: the {} ViT explora pre-trained on the procedural source domain", vit.name);
                     self.set_vit(vit);
                 }
                 Err(e) => self.model_error = Some(format!("{e:#}")),
@@ -291,10 +289,7 @@ impl AppState {
             out.push("the model's architecture is not known yet".into());
         }
         if self.out.join("config.toml").exists() {
-            out.push(format!(
-                "{} already holds a run; choose another run folder, or resume it from the Setup panel",
-                self.out.display()
-            ));
+            out.push(format!("{} already holds a run; choose another run folder, or resume it from the Setup panel", self.out.display()));
         }
         out
     }

@@ -6,7 +6,6 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-
 /// DINO's settings: k = 20, T = 0.07.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,24 +31,14 @@ pub fn l2_rows(features: &[f32], dim: usize) -> Vec<f32> {
 }
 
 /// Class scores (`[n_query, classes]`, the summed vote weights) of each query.
-pub fn knn_scores(
-    train: &[f32],
-    train_labels: &[usize],
-    query: &[f32],
-    dim: usize,
-    classes: usize,
-    config: KnnConfig,
-) -> Vec<f32> {
+pub fn knn_scores(train: &[f32], train_labels: &[usize], query: &[f32], dim: usize, classes: usize, config: KnnConfig) -> Vec<f32> {
     let train = l2_rows(train, dim);
     let query = l2_rows(query, dim);
     let k = config.k.clamp(1, train_labels.len().max(1));
     query
         .par_chunks(dim)
         .flat_map_iter(|q| {
-            let sims = train
-                .chunks(dim)
-                .zip(train_labels)
-                .map(|(t, &label)| (q.iter().zip(t).map(|(a, b)| a * b).sum::<f32>(), label));
+            let sims = train.chunks(dim).zip(train_labels).map(|(t, &label)| (q.iter().zip(t).map(|(a, b)| a * b).sum::<f32>(), label));
             vote(sims.collect(), k, classes, config.temperature)
         })
         .collect()

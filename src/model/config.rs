@@ -134,10 +134,7 @@ impl VitConfig {
     }
     /// DINOv2 ViT-g/14 (width 1536, 40 blocks, 24 heads, SwiGLU MLP with 4096 hidden units).
     pub fn dinov2_vitg14() -> Self {
-        Self {
-            swiglu: true,
-            ..Self::dinov2("vitg14", 1536, 40, 24)
-        }
+        Self { swiglu: true, ..Self::dinov2("vitg14", 1536, 40, 24) }
     }
     /// MAE ViT-B/16 (He et al. 2022; width 768, 12 blocks, 12 heads, no LayerScale).
     pub fn mae_vitb16() -> Self {
@@ -210,11 +207,7 @@ impl VitConfig {
     /// `round_up_8(int(hidden * 2 / 3))` (SwiGLUFFNFused), whose first layer is twice as wide.
     pub fn mlp_hidden(&self) -> usize {
         let hidden = (self.embed_dim as f64 * self.mlp_ratio) as usize;
-        if self.swiglu {
-            (hidden * 2 / 3).div_ceil(8) * 8
-        } else {
-            hidden
-        }
+        if self.swiglu { (hidden * 2 / 3).div_ceil(8) * 8 } else { hidden }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -236,10 +229,7 @@ impl VitConfig {
             return err("depth", "must be at least 1".into());
         }
         if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
-            return err(
-                "num_heads",
-                format!("({}) must divide embed_dim ({})", self.num_heads, self.embed_dim),
-            );
+            return err("num_heads", format!("({}) must divide embed_dim ({})", self.num_heads, self.embed_dim));
         }
         if self.patch_size == 0 {
             return err("patch_size", "must be positive".into());
@@ -248,10 +238,7 @@ impl VitConfig {
             return err("pos_grid", "must be positive".into());
         }
         if self.image_size == 0 || self.image_size % self.patch_size != 0 {
-            return err(
-                "image_size",
-                format!("({}) must be a positive multiple of patch_size ({})", self.image_size, self.patch_size),
-            );
+            return err("image_size", format!("({}) must be a positive multiple of patch_size ({})", self.image_size, self.patch_size));
         }
         if !(self.mlp_ratio > 0.0) {
             return err("mlp_ratio", "must be positive".into());
@@ -267,11 +254,7 @@ impl VitConfig {
         let d = self.embed_dim;
         let p = self.patch_size;
         let hidden = self.mlp_hidden();
-        let mlp = if self.swiglu {
-            (d * 2 * hidden + 2 * hidden) + (hidden * d + d)
-        } else {
-            (d * hidden + hidden) + (hidden * d + d)
-        };
+        let mlp = if self.swiglu { (d * 2 * hidden + 2 * hidden) + (hidden * d + d) } else { (d * hidden + hidden) + (hidden * d + d) };
         let block = 2 * (2 * d) // two LayerNorms
             + (d * 3 * d + 3 * d) // qkv
             + (d * d + d) // proj
@@ -293,10 +276,7 @@ mod tests {
     #[test]
     fn vits14_parameter_count_matches_the_published_checkpoint() {
         // ../shared/README.md: the real ViT-S/14 holds 22,056,192 parameters (no mask token).
-        let config = VitConfig {
-            mask_token: false,
-            ..VitConfig::dinov2_vits14()
-        };
+        let config = VitConfig { mask_token: false, ..VitConfig::dinov2_vits14() };
         assert_eq!(config.num_params(), 22_056_192);
     }
 
@@ -320,15 +300,9 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let bad = VitConfig {
-            num_heads: 5,
-            ..VitConfig::tiny()
-        };
+        let bad = VitConfig { num_heads: 5, ..VitConfig::tiny() };
         assert_eq!(bad.validate().unwrap_err().field, "num_heads");
-        let bad = VitConfig {
-            image_size: 60,
-            ..VitConfig::tiny()
-        };
+        let bad = VitConfig { image_size: 60, ..VitConfig::tiny() };
         assert_eq!(bad.validate().unwrap_err().field, "image_size");
     }
 }

@@ -51,9 +51,7 @@ impl Convpass {
         let patches = h.clone().narrow(1, prefix, n).swap_dims(1, 2).reshape([b, k, rows, cols]);
         let patches = self.conv.forward(patches).reshape([b, k, n]).swap_dims(1, 2);
         // Every other token as a 1×1 image: only the centre tap of the 3×3 kernel sees it.
-        let single = |tokens: Tensor<3>, count: usize| {
-            self.conv.forward(tokens.reshape([b * count, k, 1, 1])).reshape([b, count, k])
-        };
+        let single = |tokens: Tensor<3>, count: usize| self.conv.forward(tokens.reshape([b * count, k, 1, 1])).reshape([b, count, k]);
         let mut parts = vec![single(h.clone().narrow(1, 0, prefix), prefix), patches];
         if suffix > 0 {
             parts.push(single(h.narrow(1, prefix + n, suffix), suffix));

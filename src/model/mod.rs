@@ -14,6 +14,6 @@ pub use config::{Family, VitConfig, VitConfigError};
 pub use convpass::Convpass;
 pub use lora::Lora;
 pub use memory::{MemoryTask, memory_mask};
+pub use params::to_vec;
 pub use pos_embed::bicubic_weights;
 pub use vit::{Block, ForwardOptions, LayerMemory, TokenLayout, Vit, VitOutput};
-pub use params::to_vec;

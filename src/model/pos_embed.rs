@@ -17,11 +17,7 @@ pub fn bicubic_weights(in_len: usize, out_len: usize, offset: f64, antialias: bo
     const A: f64 = -0.75;
     let cubic1 = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
     let cubic2 = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
-    let scale = if offset != 0.0 {
-        in_len as f64 / (out_len as f64 + offset)
-    } else {
-        in_len as f64 / out_len as f64
-    };
+    let scale = if offset != 0.0 { in_len as f64 / (out_len as f64 + offset) } else { in_len as f64 / out_len as f64 };
     let mut weights = vec![0f32; out_len * in_len];
     for i in 0..out_len {
         // PyTorch computes the source index in the kernel's float type (f32 for f32 inputs).
@@ -85,7 +81,8 @@ mod tests {
 
     #[test]
     fn rows_sum_to_one_and_constant_is_preserved() {
-        for (n_in, n_out, off, aa) in [(4, 6, 0.0, false), (37, 16, 0.1, false), (8, 3, 0.0, true), (2, 9, 0.1, false), (37, 16, 0.0, true)] {
+        for (n_in, n_out, off, aa) in [(4, 6, 0.0, false), (37, 16, 0.1, false), (8, 3, 0.0, true), (2, 9, 0.1, false), (37, 16, 0.0, true)]
+        {
             let w = bicubic_weights(n_in, n_out, off, aa);
             for i in 0..n_out {
                 let s: f32 = w[i * n_in..(i + 1) * n_in].iter().sum();
@@ -100,9 +97,7 @@ mod tests {
         //   mode="bicubic", align_corners=False) gives
         // the values below (torch 2.x, float32).
         let w = bicubic_weights(4, 6, 0.0, false);
-        let out: Vec<f32> = (0..6)
-            .map(|i| (0..4).map(|j| w[i * 4 + j] * j as f32).sum())
-            .collect();
+        let out: Vec<f32> = (0..6).map(|i| (0..4).map(|j| w[i * 4 + j] * j as f32).sum()).collect();
         let expected = [-0.086805556, 0.40625, 1.212963, 1.787037, 2.59375, 3.0868056];
         for (o, e) in out.iter().zip(expected) {
             assert!((o - e).abs() < 1e-5, "{out:?}");

@@ -22,9 +22,7 @@ use super::pos_embed::bicubic_weights;
 const INIT_STD: f64 = 0.02;
 
 fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
-        .init(device)
+    LinearConfig::new(d_in, d_out).with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD }).init(device)
 }
 
 /// Non-overlapping patches → tokens: a `patch × patch` convolution with stride `patch`.
@@ -277,11 +275,7 @@ impl VitConfig {
         let d = self.embed_dim;
         let normal = Initializer::Normal { mean: 0.0, std: INIT_STD };
         let norm = || LayerNormConfig::new(d).with_epsilon(self.norm_eps).init(device);
-        let layer_scale = || {
-            self.layer_scale.map(|value| LayerScale {
-                gamma: Initializer::Constant { value }.init([d], device),
-            })
-        };
+        let layer_scale = || self.layer_scale.map(|value| LayerScale { gamma: Initializer::Constant { value }.init([d], device) });
         let hidden = self.mlp_hidden();
         let fc1_out = if self.swiglu { 2 * hidden } else { hidden };
         let blocks = (0..self.depth)
@@ -319,8 +313,7 @@ impl VitConfig {
             },
             cls_token: normal.init([1, 1, d], device),
             pos_embed: normal.init([1, 1 + self.pos_grid * self.pos_grid, d], device),
-            register_tokens: (self.num_registers > 0)
-                .then(|| normal.init([1, self.num_registers, d], device)),
+            register_tokens: (self.num_registers > 0).then(|| normal.init([1, self.num_registers, d], device)),
             mask_token: self.mask_token.then(|| Initializer::Zeros.init([1, d], device)),
             blocks,
             norm: norm(),
@@ -387,30 +380,16 @@ impl Vit {
         let mut x = self.patch_embed.forward(images);
         let [_, n, d] = x.dims();
         if let Some(mask) = mask {
-            let token = self
-                .mask_token
-                .as_ref()
-                .expect("a masked forward needs a model built with a mask token")
-                .val();
+            let token = self.mask_token.as_ref().expect("a masked forward needs a model built with a mask token").val();
             assert_eq!(mask.dims(), [b, n], "mask must be [batch, num_patches]");
-            x = x.mask_where(
-                mask.unsqueeze_dim::<3>(2).expand([b, n, d]),
-                token.reshape([1, 1, d]).expand([b, n, d]),
-            );
+            x = x.mask_where(mask.unsqueeze_dim::<3>(2).expand([b, n, d]), token.reshape([1, 1, d]).expand([b, n, d]));
         }
         let cls = self.cls_token.val().expand([b, 1, d]);
         let x = Tensor::cat(vec![cls, x], 1) + self.position_embeddings(rows, cols);
         let x = match &self.register_tokens {
             Some(registers) => {
                 let r = registers.dims()[1];
-                Tensor::cat(
-                    vec![
-                        x.clone().narrow(1, 0, 1),
-                        registers.val().expand([b, r, d]),
-                        x.narrow(1, 1, n),
-                    ],
-                    1,
-                )
+                Tensor::cat(vec![x.clone().narrow(1, 0, 1), registers.val().expand([b, r, d]), x.narrow(1, 1, n)], 1)
             }
             None => x,
         };
@@ -440,11 +419,8 @@ impl Vit {
         for (index, block) in self.blocks.iter().enumerate() {
             let want = options.attention_layers.contains(&index);
             let memory = bias.as_ref().map(|bias| LayerMemory {
-                tokens: Tensor::cat(
-                    self.tasks.iter().map(|t| t.memory.val().narrow(0, index, 1).reshape([1, per_task, d])).collect(),
-                    1,
-                )
-                .expand([b, k * per_task, d]),
+                tokens: Tensor::cat(self.tasks.iter().map(|t| t.memory.val().narrow(0, index, 1).reshape([1, per_task, d])).collect(), 1)
+                    .expand([b, k * per_task, d]),
                 bias: bias.clone(),
             });
             let (next, probs) = block.forward(x, want, layout, memory);

@@ -109,9 +109,8 @@ pub fn step_loss(
     let zero = || Tensor::<1>::zeros([1], &device);
 
     // Student: masked global crops and the local crops; one head pass over all rows.
-    let s_global = student
-        .backbone
-        .forward(inputs.globals.clone(), ForwardOptions { mask: Some(inputs.masks.clone()), ..Default::default() });
+    let s_global =
+        student.backbone.forward(inputs.globals.clone(), ForwardOptions { mask: Some(inputs.masks.clone()), ..Default::default() });
     let [gb, n, d] = s_global.patches.dims();
     let mut rows = vec![s_global.cls.clone()];
     if let Some(locals) = &inputs.locals {
@@ -182,7 +181,5 @@ pub fn step_loss(
 /// student trains (the others are identical in both and stay shared).
 pub fn ema_update(teacher: DinoModel, student: &DinoModel, momentum: f64) -> DinoModel {
     let source = trainable_params(student);
-    map_params(teacher, |name, t| {
-        source.get(name).map(|s| t.mul_scalar(momentum) + s.clone().mul_scalar(1.0 - momentum))
-    })
+    map_params(teacher, |name, t| source.get(name).map(|s| t.mul_scalar(momentum) + s.clone().mul_scalar(1.0 - momentum)))
 }

@@ -68,11 +68,7 @@ pub fn clip_by_global_norm(grads: &HashMap<String, Tensor<1>>, clip: f64, device
         return (Tensor::zeros([1], device), Tensor::ones([1], device));
     }
     let norm = Tensor::cat(squares, 0).sum().sqrt();
-    let scale = if clip > 0.0 {
-        norm.clone().add_scalar(1e-6).recip().mul_scalar(clip).clamp_max(1.0)
-    } else {
-        Tensor::ones([1], device)
-    };
+    let scale = if clip > 0.0 { norm.clone().add_scalar(1e-6).recip().mul_scalar(clip).clamp_max(1.0) } else { Tensor::ones([1], device) };
     (norm, scale)
 }
 
@@ -93,11 +89,8 @@ impl AdamW {
                 return None;
             }
             let g = grad.clone() * grad_scale.clone();
-            let moments = state.entry(path.to_string()).or_insert_with(|| Moments {
-                m: param.zeros_like(),
-                v: param.zeros_like(),
-                steps: 0,
-            });
+            let moments =
+                state.entry(path.to_string()).or_insert_with(|| Moments { m: param.zeros_like(), v: param.zeros_like(), steps: 0 });
             moments.steps += 1;
             moments.m = moments.m.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
             moments.v = moments.v.clone().mul_scalar(b2) + g.powf_scalar(2.0).mul_scalar(1.0 - b2);

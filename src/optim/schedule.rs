@@ -22,11 +22,7 @@ pub fn linear(start: f64, end: f64, step: u64, steps: u64) -> f64 {
 /// from 0), then a half cosine down to `end` at step `total`.
 pub fn warmup_cosine(peak: f64, end: f64, warmup: u64, step: u64, total: u64) -> f64 {
     let warmup = warmup.min(total);
-    if step < warmup {
-        peak * (step + 1) as f64 / warmup as f64
-    } else {
-        cosine(peak, end, step - warmup, total - warmup)
-    }
+    if step < warmup { peak * (step + 1) as f64 / warmup as f64 } else { cosine(peak, end, step - warmup, total - warmup) }
 }
 
 #[cfg(test)]

@@ -64,10 +64,7 @@ pub fn apply_plan(mut model: Vit, plan: &AdaptationPlan) -> Result<Vit, PlanErro
         block.mlp.lora_fc1 = lora(t.fc1, d, fc1_out);
         block.mlp.lora_fc2 = lora(t.fc2, hidden, d);
         let convpass = |site: fn(&super::ConvpassSpec) -> bool| {
-            plan.convpass
-                .as_ref()
-                .filter(|c| site(c) && c.covers(index))
-                .map(|c| Convpass::new(d, c.dim, c.scale, &device))
+            plan.convpass.as_ref().filter(|c| site(c) && c.covers(index)).map(|c| Convpass::new(d, c.dim, c.scale, &device))
         };
         block.convpass_attn = convpass(|c| c.attn);
         block.convpass_mlp = convpass(|c| c.mlp);
@@ -87,15 +84,8 @@ pub fn apply_plan(mut model: Vit, plan: &AdaptationPlan) -> Result<Vit, PlanErro
 
 /// The model's tensors that `plan` trains (lazy: data is read only when asked for).
 pub fn trainable_tensors(model: &Vit, plan: &AdaptationPlan) -> Vec<burn::store::burn_pack::Tensor> {
-    let patterns: Vec<regex::Regex> = trainable_patterns(plan)
-        .iter()
-        .map(|p| regex::Regex::new(p).expect("valid pattern"))
-        .collect();
-    model
-        .collect(None, None, false)
-        .into_iter()
-        .filter(|t| patterns.iter().any(|p| p.is_match(&t.name)))
-        .collect()
+    let patterns: Vec<regex::Regex> = trainable_patterns(plan).iter().map(|p| regex::Regex::new(p).expect("valid pattern")).collect();
+    model.collect(None, None, false).into_iter().filter(|t| patterns.iter().any(|p| p.is_match(&t.name))).collect()
 }
 
 /// Parameters a plan makes trainable in `model`, counted from the model's own tensors.
@@ -118,10 +108,7 @@ pub fn merge_lora(mut model: Vit) -> Vit {
         if parts.iter().any(Option::is_some) {
             let device = attn.qkv.weight.val().device();
             let delta = Tensor::cat(
-                parts
-                    .iter()
-                    .map(|l| l.as_ref().map(Lora::weight_delta).unwrap_or_else(|| Tensor::zeros([d, d], &device)))
-                    .collect(),
+                parts.iter().map(|l| l.as_ref().map(Lora::weight_delta).unwrap_or_else(|| Tensor::zeros([d, d], &device))).collect(),
                 1,
             );
             add(&mut attn.qkv.weight, delta);

@@ -5,4 +5,7 @@ mod apply;
 mod plan;
 
 pub use apply::{apply_plan, count_trainable, merge_lora, trainable_patterns, trainable_tensors};
-pub use plan::{activation_bytes, AdaptationPlan, BlockMode, ConvpassSpec, Budget, BudgetRow, LoraSpec, LoraTargets, PlanError, PlanSpec, Preset, thousands};
+pub use plan::{
+    AdaptationPlan, BlockMode, Budget, BudgetRow, ConvpassSpec, LoraSpec, LoraTargets, PlanError, PlanSpec, Preset, activation_bytes,
+    thousands,
+};

@@ -64,18 +64,11 @@ impl LoraTargets {
 
 impl std::fmt::Display for LoraTargets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = [
-            (self.q, "q"),
-            (self.k, "k"),
-            (self.v, "v"),
-            (self.proj, "proj"),
-            (self.fc1, "fc1"),
-            (self.fc2, "fc2"),
-        ]
-        .into_iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, n)| n)
-        .collect();
+        let names: Vec<&str> = [(self.q, "q"), (self.k, "k"), (self.v, "v"), (self.proj, "proj"), (self.fc1, "fc1"), (self.fc2, "fc2")]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| n)
+            .collect();
         f.write_str(&names.join(","))
     }
 }
@@ -242,22 +235,15 @@ impl PlanSpec {
             plan = plan.with_unfrozen(blocks)?;
         }
         if let Some(dim) = self.convpass {
-            plan.convpass = Some(ConvpassSpec {
-                dim,
-                scale: self.convpass_scale,
-                blocks: self.convpass_blocks.clone(),
-                ..Default::default()
-            });
+            plan.convpass =
+                Some(ConvpassSpec { dim, scale: self.convpass_scale, blocks: self.convpass_blocks.clone(), ..Default::default() });
         }
         if self.memory_tokens.is_some() {
             plan.memory_tokens = self.memory_tokens;
         }
         if let Some(blocks) = &self.blocks {
             if blocks.len() != config.depth {
-                return Err(plan_error(
-                    "blocks",
-                    format!("lists {} blocks but the model has {}", blocks.len(), config.depth),
-                ));
+                return Err(plan_error("blocks", format!("lists {} blocks but the model has {}", blocks.len(), config.depth)));
             }
             plan.blocks = blocks.clone();
         }
@@ -422,10 +408,7 @@ impl AdaptationPlan {
     /// Checks the plan against a model; names the field at fault.
     pub fn validate(&self, config: &VitConfig) -> Result<(), PlanError> {
         if self.blocks.len() != config.depth {
-            return Err(plan_error(
-                "blocks",
-                format!("lists {} blocks but the model has {}", self.blocks.len(), config.depth),
-            ));
+            return Err(plan_error("blocks", format!("lists {} blocks but the model has {}", self.blocks.len(), config.depth)));
         }
         let uses_lora = self.blocks.contains(&BlockMode::Lora);
         if uses_lora {
@@ -434,10 +417,7 @@ impl AdaptationPlan {
                 return Err(plan_error("lora.rank", "must be at least 1"));
             }
             if let Some((name, d_in, d_out)) = l.targets.shapes(config).into_iter().find(|(_, i, o)| l.rank > (*i).min(*o)) {
-                return Err(plan_error(
-                    "lora.rank",
-                    format!("{} is larger than the {name} projection ({d_in}→{d_out}) it adapts", l.rank),
-                ));
+                return Err(plan_error("lora.rank", format!("{} is larger than the {name} projection ({d_in}→{d_out}) it adapts", l.rank)));
             }
             if !l.targets.any() {
                 return Err(plan_error("lora.targets", "blocks use LoRA but no target projection is chosen"));
@@ -488,20 +468,11 @@ impl AdaptationPlan {
         let unfrozen = self.unfrozen_blocks();
         if !unfrozen.is_empty() {
             // Norms of unfrozen blocks are counted here, not again under "norms".
-            rows.push(BudgetRow::new(
-                format!("unfrozen blocks {unfrozen:?}"),
-                unfrozen.len() * block_total,
-            ));
+            rows.push(BudgetRow::new(format!("unfrozen blocks {unfrozen:?}"), unfrozen.len() * block_total));
         }
         let lora_blocks = self.blocks.iter().filter(|m| **m == BlockMode::Lora).count();
         if lora_blocks > 0 {
-            let per_block: usize = self
-                .lora
-                .targets
-                .shapes(config)
-                .iter()
-                .map(|(_, i, o)| self.lora.rank * (i + o))
-                .sum();
+            let per_block: usize = self.lora.targets.shapes(config).iter().map(|(_, i, o)| self.lora.rank * (i + o)).sum();
             rows.push(BudgetRow::new(
                 format!("LoRA r={} on {} of {lora_blocks} blocks", self.lora.rank, self.lora.targets),
                 lora_blocks * per_block,
@@ -511,7 +482,17 @@ impl AdaptationPlan {
             let sites = usize::from(c.attn) + usize::from(c.mlp);
             let blocks = (0..config.depth).filter(|&i| c.covers(i)).count();
             rows.push(BudgetRow::new(
-                format!("Convpass k={} ({} per block) in {blocks} blocks", c.dim, if sites == 2 { "attn+mlp" } else if c.attn { "attn" } else { "mlp" }),
+                format!(
+                    "Convpass k={} ({} per block) in {blocks} blocks",
+                    c.dim,
+                    if sites == 2 {
+                        "attn+mlp"
+                    } else if c.attn {
+                        "attn"
+                    } else {
+                        "mlp"
+                    }
+                ),
                 blocks * sites * crate::model::Convpass::num_params(config.embed_dim, c.dim),
             ));
         }
@@ -565,10 +546,8 @@ pub fn activation_bytes(config: &VitConfig, plan: &AdaptationPlan, batch: usize,
     let first_trainable = if input_side {
         Some(0)
     } else {
-        (0..depth).find(|&i| {
-            plan.blocks.get(i).is_some_and(|m| *m != BlockMode::Frozen)
-                || plan.convpass.as_ref().is_some_and(|c| c.covers(i))
-        })
+        (0..depth)
+            .find(|&i| plan.blocks.get(i).is_some_and(|m| *m != BlockMode::Frozen) || plan.convpass.as_ref().is_some_and(|c| c.covers(i)))
     };
     let Some(first) = first_trainable else { return 0 };
     let kept_blocks = (depth - first) as u64;
@@ -590,7 +569,11 @@ fn full_block_params(config: &VitConfig) -> usize {
     let d = config.embed_dim;
     let hidden = config.mlp_hidden();
     let fc1_out = if config.swiglu { 2 * hidden } else { hidden };
-    4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * fc1_out + fc1_out) + (hidden * d + d)
+    4 * d
+        + (3 * d * d + 3 * d)
+        + (d * d + d)
+        + (d * fc1_out + fc1_out)
+        + (hidden * d + d)
         + if config.layer_scale.is_some() { 2 * d } else { 0 }
 }
 

@@ -28,8 +28,8 @@ use crate::model::{ForwardOptions, VitConfig};
 use crate::objectives::{Centering, HeadConfig, MaskedPatches, StepInputs};
 use crate::peft::{PlanSpec, apply_plan};
 use crate::train::PretrainConfig;
-use crate::train::step::StepValues;
 use crate::train::state::TrainState;
+use crate::train::step::StepValues;
 use crate::train::step::optimizer_step;
 
 /// Which workloads to run.
@@ -181,7 +181,12 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
         res["infer_img_per_s"] = round(config.infer_batch as f64 / seconds, 1);
         res["infer_batch_ms"] = round(seconds * 1e3, 1);
         peak_memory(device, &mut peak);
-        ctx.info(format!("infer: {:.1} images/s ({:.1} ms a batch of {})", config.infer_batch as f64 / seconds, seconds * 1e3, config.infer_batch));
+        ctx.info(format!(
+            "infer: {:.1} images/s ({:.1} ms a batch of {})",
+            config.infer_batch as f64 / seconds,
+            seconds * 1e3,
+            config.infer_batch
+        ));
     }
     if matches!(config.mode, BenchMode::Train | BenchMode::Both) {
         ctx.phase(crate::engine::Phase::step("bench: train"), Some((1 + config.warmup + config.steps) as u64));

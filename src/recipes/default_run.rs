@@ -12,12 +12,12 @@ use anyhow::Context;
 use burn::tensor::Device;
 use image::RgbImage;
 
-use crate::engine::JobContext;
+use super::run::{RunOutcome, pretrain_then_evaluate};
 use crate::checkpoint::load_backbone;
 use crate::data::{Preprocess, ProceduralDomain, SceneClass};
+use crate::engine::JobContext;
 use crate::inspect::attention::{cls_attention, overlay};
 use crate::inspect::images_tensor;
-use super::run::{RunOutcome, pretrain_then_evaluate};
 use crate::train::{PretrainConfig, PretrainJob};
 
 /// Knobs of the default run (the CLI exposes them).
@@ -35,11 +35,7 @@ impl DefaultRun {
     /// The default for `device`: on software Vulkan a smaller run that still finishes in
     /// minutes.
     pub fn for_device(out: PathBuf, device: &Device) -> Self {
-        let config = if crate::device::is_software(device) {
-            PretrainConfig::builtin_software()
-        } else {
-            PretrainConfig::builtin()
-        };
+        let config = if crate::device::is_software(device) { PretrainConfig::builtin_software() } else { PretrainConfig::builtin() };
         Self { out, config }
     }
 }
@@ -63,10 +59,7 @@ pub fn run(job: &DefaultRun, device: &Device, ctx: &mut JobContext) -> anyhow::R
     let RunOutcome { pretrain: summary, evaluation } = pretrain_then_evaluate(&pre, device, ctx)?;
     let out = job.out.display();
     let (false, Some(evaluation)) = (summary.stopped_early, evaluation) else {
-        return Ok(format!(
-            "stopped after step {}; continue with `explora --no-gui resume {out}`",
-            summary.steps_done
-        ));
+        return Ok(format!("stopped after step {}; continue with `explora --no-gui resume {out}`", summary.steps_done));
     };
 
     ctx.phase(crate::engine::Phase::step("attention maps before/after"), Some(SceneClass::ALL.len() as u64));

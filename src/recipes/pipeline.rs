@@ -17,14 +17,14 @@ use anyhow::Context;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{load_backbone, load_backbone_with, save_backbone};
+use crate::data::{LabelledSet, Preprocess, Split, Splits, generate_shifted_image_folder};
+use crate::engine::JobContext;
 use crate::eval::embed::{Features, cached};
 use crate::eval::finetune::{FinetuneConfig, finetune};
 use crate::eval::linear::{Labelled, ProbeConfig, train_probe};
 use crate::eval::{Metrics, knn_classify};
 use crate::inspect::KnnConfig;
-use crate::checkpoint::{load_backbone, load_backbone_with, save_backbone};
-use crate::data::{LabelledSet, Preprocess, Split, Splits, generate_shifted_image_folder};
-use crate::engine::JobContext;
 use crate::model::VitConfig;
 use crate::train::config::ModelSection;
 use crate::train::{PretrainConfig, PretrainJob, pretrain};
@@ -315,13 +315,7 @@ fn cache_key(weights: &Path, size: u32, items: &[(PathBuf, usize)]) -> String {
         h.update((*label as u64).to_le_bytes());
     }
     let digest: String = h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}|{}|{:?}|size={size}|n={}|{digest}",
-        weights.display(),
-        meta.map_or(0, |m| m.len()),
-        modified,
-        items.len(),
-    )
+    format!("{}|{}|{:?}|size={size}|n={}|{digest}", weights.display(), meta.map_or(0, |m| m.len()), modified, items.len(),)
 }
 
 /// Runs the comparison into `out`; running it again continues where it stopped.
@@ -424,8 +418,20 @@ fn run_comparison(
         vit.patch_size
     );
 
-    let mut summary = PipelineSummary { rows: Vec::new(), classes: set.classes.clone(), split_sizes: [train.len(), val.len(), test.len()], stopped: false };
-    let source = Variant { name: "source", weights: source_weights.clone(), pretrain_trainable: 0, images_seen: 0, seconds: 0.0, peak_gpu_bytes: None };
+    let mut summary = PipelineSummary {
+        rows: Vec::new(),
+        classes: set.classes.clone(),
+        split_sizes: [train.len(), val.len(), test.len()],
+        stopped: false,
+    };
+    let source = Variant {
+        name: "source",
+        weights: source_weights.clone(),
+        pretrain_trainable: 0,
+        images_seen: 0,
+        seconds: 0.0,
+        peak_gpu_bytes: None,
+    };
     if !evaluate(&source, config, &set.classes, [&train, &val, &test], size, out, device, ctx, &mut summary)? {
         summary.stopped = true;
         return Ok(summary);
@@ -590,7 +596,8 @@ fn evaluate(
             if result.stopped {
                 return Ok(false);
             }
-            let note = format!("best epoch {} of {} (val top-1 {:.1}%)", result.best_epoch, result.epochs_run, 100.0 * result.best_val_top1);
+            let note =
+                format!("best epoch {} of {} (val top-1 {:.1}%)", result.best_epoch, result.epochs_run, 100.0 * result.best_val_top1);
             let mut row = base_row(&method, &result.test, result.trainable, result.seconds - extract_seconds, note);
             row.images_seen += result.images_seen;
             row.peak_gpu_bytes = max_opt(row.peak_gpu_bytes, result.peak_gpu_bytes);
@@ -601,10 +608,20 @@ fn evaluate(
 }
 
 /// Writes a row's metrics and confusion matrix, logs it and adds it to the summary.
-fn record(out: &Path, row: Row, metrics: &Metrics, classes: &[String], ctx: &mut JobContext, summary: &mut PipelineSummary) -> anyhow::Result<PathBuf> {
+fn record(
+    out: &Path,
+    row: Row,
+    metrics: &Metrics,
+    classes: &[String],
+    ctx: &mut JobContext,
+    summary: &mut PipelineSummary,
+) -> anyhow::Result<PathBuf> {
     let dir = out.join("eval").join(format!("{}-{}", row.variant, row.method));
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&serde_json::json!({ "row": &row, "metrics": metrics, "classes": classes }))?)?;
+    std::fs::write(
+        dir.join("metrics.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "row": &row, "metrics": metrics, "classes": classes }))?,
+    )?;
     let title = format!("{} backbone, {}: top-1 {:.1}% on {} test images", row.variant, row.method, 100.0 * row.top1, metrics.samples);
     let png = dir.join("confusion.png");
     crate::eval::figure::confusion_matrix(&metrics.confusion, classes, &title)
@@ -629,7 +646,8 @@ fn gib(bytes: Option<u64>) -> String {
 }
 
 fn report_csv(s: &PipelineSummary) -> Vec<u8> {
-    let header = ["variant", "method", "top1", "top5", "macro_f1", "pretrain_trainable", "eval_trainable", "images_seen", "seconds", "peak_gpu_gib"];
+    let header =
+        ["variant", "method", "top1", "top5", "macro_f1", "pretrain_trainable", "eval_trainable", "images_seen", "seconds", "peak_gpu_gib"];
     let rows = s.rows.iter().map(|r| {
         [
             r.variant.clone(),
@@ -654,7 +672,11 @@ fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &LabelledSet, pr
         "- backbone: `{}`\n- labelled set: `{}` ({} images, {} classes); split {} train / {} val / {} test, seed {}\n\
          - evaluation input: {} px; k-NN on the CLS token (k = {}, T = {}); linear probe on [CLS ‖ mean patch], \
          {} settings swept, chosen on val\n- ExPLoRA pre-training: {} steps × {} images on {pre_data}, plan `{}`\n\n",
-        config.model.weights.as_ref().map_or_else(|| format!("{} (random weights)", config.model.arch.clone().unwrap_or_default()), |p| p.display().to_string()),
+        config
+            .model
+            .weights
+            .as_ref()
+            .map_or_else(|| format!("{} (random weights)", config.model.arch.clone().unwrap_or_default()), |p| p.display().to_string()),
         set.origin.display(),
         set.len(),
         set.classes.len(),
@@ -688,14 +710,12 @@ fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &LabelledSet, pr
             r.note
         ));
     }
-    md.push_str("\n## Verdict\n\nTop-1 on the test split, source → ExPLoRA, with the 95 % paired-bootstrap interval of the \
-                 difference over the test images:\n\n");
+    md.push_str(
+        "\n## Verdict\n\nTop-1 on the test split, source → ExPLoRA, with the 95 % paired-bootstrap interval of the \
+                 difference over the test images:\n\n",
+    );
     for d in s.deltas() {
-        md.push_str(&format!(
-            "- {}{}\n",
-            d.describe(),
-            if d.delta > 0.0 { "" } else { " — pre-training did not help here" }
-        ));
+        md.push_str(&format!("- {}{}\n", d.describe(), if d.delta > 0.0 { "" } else { " — pre-training did not help here" }));
     }
     md.push_str("\n## Per-class accuracy (%)\n\n| class |");
     for r in &s.rows {

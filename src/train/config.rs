@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{MaskConfig, MultiCropConfig};
-use crate::objectives::{HeadConfig, LossConfig};
 use crate::model::VitConfig;
+use crate::objectives::{HeadConfig, LossConfig};
 use crate::peft::PlanSpec;
 
 pub use crate::fields::FieldError;
@@ -335,8 +335,7 @@ impl PretrainConfig {
 
     /// Reads a TOML file; fields it leaves out keep their defaults.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read run config {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read run config {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("run config {}: {e}", path.display()))
     }
 
@@ -384,7 +383,8 @@ impl PretrainConfig {
             return Err(bad("head", "needs layers ≥ 1, hidden ≥ 1, bottleneck ≥ 1 and prototypes ≥ 2"));
         }
         let l = &self.loss;
-        for (field, w) in [("loss.dino_weight", l.dino_weight), ("loss.ibot_weight", l.ibot_weight), ("loss.koleo_weight", l.koleo_weight)] {
+        for (field, w) in [("loss.dino_weight", l.dino_weight), ("loss.ibot_weight", l.ibot_weight), ("loss.koleo_weight", l.koleo_weight)]
+        {
             if !(w >= 0.0 && w.is_finite()) {
                 return Err(bad(field, "must be a finite number ≥ 0"));
             }
@@ -475,7 +475,11 @@ mod tests {
 
     #[test]
     fn defaults_round_trip_and_validate() {
-        for config in [PretrainConfig::builtin(), { let mut c = PretrainConfig::default(); c.model.arch = Some("vits14".into()); c }] {
+        for config in [PretrainConfig::builtin(), {
+            let mut c = PretrainConfig::default();
+            c.model.arch = Some("vits14".into());
+            c
+        }] {
             config.validate().unwrap();
             let back: PretrainConfig = toml::from_str(&config.to_toml()).unwrap();
             assert_eq!(back, config);

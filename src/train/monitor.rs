@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::rngs::Xoshiro256PlusPlus;
 use rand::SeedableRng;
+use rand::rngs::Xoshiro256PlusPlus;
 
 use crate::data::{ImageList, Preprocess, ProceduralDomain, decode_rgb};
 use crate::inspect::{KnnConfig, leave_one_out_scores, top1};
@@ -27,8 +27,7 @@ impl KnnSet {
     pub fn procedural(count: usize, size: u32, seed: u64, shift: crate::data::Shift) -> Self {
         let domain = ProceduralDomain { size, seed, shift };
         let pre = Preprocess::new(size);
-        let (images, labels) =
-            domain.batch(0, count).into_iter().map(|(img, class)| (pre.to_tensor_data(&img), class.index())).unzip();
+        let (images, labels) = domain.batch(0, count).into_iter().map(|(img, class)| (pre.to_tensor_data(&img), class.index())).unzip();
         Self { images, labels, size: size as usize, classes: 5, skipped: 0 }
     }
 

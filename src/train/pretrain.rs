@@ -21,11 +21,13 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::PretrainConfig;
 use super::monitor::KnnSet;
-use super::step::{StepValues, optimizer_step};
 use super::state::{self, TrainState};
+use super::step::{StepValues, optimizer_step};
 use crate::checkpoint::{load_backbone_with, save_adapter, save_backbone};
-use crate::data::{BatchSpec, CropBatch, CropLoader, FolderSource, ImageList, ImageSource, ProceduralSource, ProceduralDomain, contact_sheet};
-use crate::engine::{Phase, AttentionRequest, AttentionView, BatchPreview, Event, Flow, JobContext, SamplePreview};
+use crate::data::{
+    BatchSpec, CropBatch, CropLoader, FolderSource, ImageList, ImageSource, ProceduralDomain, ProceduralSource, contact_sheet,
+};
+use crate::engine::{AttentionRequest, AttentionView, BatchPreview, Event, Flow, JobContext, Phase, SamplePreview};
 use crate::model::{Vit, VitConfig};
 use crate::objectives::{DinoModel, MaskedPatches, StepInputs};
 use crate::peft::{AdaptationPlan, apply_plan, merge_lora};
@@ -95,11 +97,7 @@ fn source_for(config: &PretrainConfig) -> anyhow::Result<Arc<dyn ImageSource>> {
     Ok(match &config.data.images {
         Some(root) => Arc::new(FolderSource { list: ImageList::scan(root)? }),
         None => Arc::new(ProceduralSource {
-            domain: ProceduralDomain {
-                size: config.data.procedural_size,
-                seed: config.run.seed,
-                shift: config.data.procedural_shift,
-            },
+            domain: ProceduralDomain { size: config.data.procedural_size, seed: config.run.seed, shift: config.data.procedural_shift },
             count: config.data.procedural_tiles,
         }),
     })
@@ -155,7 +153,6 @@ impl Metrics {
         Ok(())
     }
 }
-
 
 /// The run itself.
 pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> anyhow::Result<PretrainSummary> {
@@ -310,8 +307,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
                 let g = (batch.global_size as usize) / patch;
                 let b = batch.batch;
                 let n = g * g;
-                let masks: Vec<bool> =
-                    batch.masks[0..n].iter().chain(&batch.masks[b * n..b * n + n]).copied().collect();
+                let masks: Vec<bool> = batch.masks[0..n].iter().chain(&batch.masks[b * n..b * n + n]).copied().collect();
                 let sheet = contact_sheet(crops, Some((&masks, g)));
                 let path = out.join("batch-preview.png");
                 sheet.save(&path).with_context(|| format!("writing {}", path.display()))?;

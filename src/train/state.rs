@@ -8,14 +8,13 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::model::to_vec;
-use crate::optim::AdamW;
 use crate::checkpoint::{Metadata, RawTensor, TensorMap, is_disk_full, read_safetensors, write_safetensors};
 use crate::model::params::{for_each_param, map_params};
+use crate::model::to_vec;
 use crate::objectives::{Centers, DinoModel};
+use crate::optim::AdamW;
 
 pub const FORMAT: &str = "explora-pretrain-v1";
-
 
 fn raw(t: Tensor<1>) -> RawTensor {
     let data = to_vec(t);
@@ -213,11 +212,7 @@ pub fn restore(found: Readable, mut state: TrainState, device: &Device) -> anyho
     });
     missing.extend(teacher_missing);
     if !missing.is_empty() {
-        anyhow::bail!(
-            "{} does not match this run's model and plan; missing or mis-sized: {}",
-            path.display(),
-            missing.join(", ")
-        );
+        anyhow::bail!("{} does not match this run's model and plan; missing or mis-sized: {}", path.display(), missing.join(", "));
     }
     state.optim.load(&tensors, &steps, device)?;
     let center = |key: &str| -> anyhow::Result<Tensor<2>> {

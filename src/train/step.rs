@@ -13,9 +13,9 @@ use super::config::PretrainConfig;
 use super::state::TrainState;
 use crate::model::params::accumulate_grads;
 use crate::model::to_vec;
+use crate::objectives::{StepInputs, ema_update, step_loss};
 use crate::optim::schedule::{cosine, linear, warmup_cosine};
 use crate::optim::{UpdateRule, clip_by_global_norm};
-use crate::objectives::{StepInputs, ema_update, step_loss};
 
 /// The schedule values of one optimizer step.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -2,8 +2,7 @@
 
 use burn::tensor::Tensor;
 use explora::checkpoint::{
-    CheckpointError, Layout, RawTensor, load_backbone, read_safetensors, save_backbone, save_backbone_hf,
-    write_safetensors,
+    CheckpointError, Layout, RawTensor, load_backbone, read_safetensors, save_backbone, save_backbone_hf, write_safetensors,
 };
 use explora::model::{ForwardOptions, Vit, VitConfig};
 
@@ -88,12 +87,8 @@ fn pretrained_weights_differ_from_random_init_and_survive_save_and_export() {
 
 #[test]
 fn explicit_architecture_that_disagrees_is_refused() {
-    let err = explora::checkpoint::load_backbone_with(
-        &hf_fixture().join("model.safetensors"),
-        Some(VitConfig::tiny()),
-        &device(),
-    )
-    .unwrap_err();
+    let err =
+        explora::checkpoint::load_backbone_with(&hf_fixture().join("model.safetensors"), Some(VitConfig::tiny()), &device()).unwrap_err();
     // tiny has 4 blocks and an 8×8 grid; the fixture has 2 blocks and a 4×4 grid.
     let msg = err.to_string();
     assert!(msg.contains("MISSING") && msg.contains("blocks.2.") && msg.contains("pos_embed"), "{msg}");

@@ -45,8 +45,17 @@ fn embed_skips_and_names_corrupt_images() {
     let weights = tiny_weights(dir.path());
     let features = dir.path().join("features.safetensors");
     let out = explora(&[
-        "embed", "--weights", &weights, "--images", images.to_str().unwrap(), "--out",
-        features.to_str().unwrap(), "--size", "64", "--batch", "4",
+        "embed",
+        "--weights",
+        &weights,
+        "--images",
+        images.to_str().unwrap(),
+        "--out",
+        features.to_str().unwrap(),
+        "--size",
+        "64",
+        "--batch",
+        "4",
     ]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
@@ -71,7 +80,17 @@ fn embed_and_attention_errors_are_clear() {
     let weights = tiny_weights(dir.path());
     let image = images.join("roads").join("roads_0.png");
     let out = explora(&[
-        "attention", "--weights", &weights, "--image", image.to_str().unwrap(), "--layer", "9", "--out", "a.png", "--size", "64",
+        "attention",
+        "--weights",
+        &weights,
+        "--image",
+        image.to_str().unwrap(),
+        "--layer",
+        "9",
+        "--out",
+        "a.png",
+        "--size",
+        "64",
     ]);
     assert!(text(&out).contains("--layer 9 is out of range: the model has blocks 0..=3"), "{}", text(&out));
     let out = explora(&["attention", "--weights", &weights, "--image", image.to_str().unwrap(), "--out", "a.png", "--size", "60"]);
@@ -87,8 +106,17 @@ fn attention_writes_a_heatmap_overlay() {
     let png = dir.path().join("maps").join("roofs.png");
     let image = images.join("roofs").join("roofs_0.png");
     let out = explora(&[
-        "attention", "--weights", &weights, "--image", image.to_str().unwrap(), "--head", "1", "--out",
-        png.to_str().unwrap(), "--size", "64",
+        "attention",
+        "--weights",
+        &weights,
+        "--image",
+        image.to_str().unwrap(),
+        "--head",
+        "1",
+        "--out",
+        png.to_str().unwrap(),
+        "--size",
+        "64",
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let overlay = image::open(&png).unwrap().to_rgb8();
@@ -206,9 +234,32 @@ fn pipeline_prints_its_config_and_names_bad_inputs() {
 #[test]
 fn bench_prints_one_json_line_with_the_reference_keys() {
     let out = explora(&[
-        "--no-gui", "bench", "--arch", "tiny", "--batch", "2", "--global-size", "32", "--local-size", "16", "--locals", "2",
-        "--prototypes", "64", "--rank", "4", "--unfreeze", "3", "--infer-batch", "2", "--infer-size", "32", "--steps", "1",
-        "--warmup", "0",
+        "--no-gui",
+        "bench",
+        "--arch",
+        "tiny",
+        "--batch",
+        "2",
+        "--global-size",
+        "32",
+        "--local-size",
+        "16",
+        "--locals",
+        "2",
+        "--prototypes",
+        "64",
+        "--rank",
+        "4",
+        "--unfreeze",
+        "3",
+        "--infer-batch",
+        "2",
+        "--infer-size",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
     ]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");

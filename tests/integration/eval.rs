@@ -8,8 +8,8 @@ use std::sync::mpsc;
 
 use explora::engine::{Command, Event, JobContext};
 use explora::eval::finetune::FinetuneConfig;
-use explora::recipes::pipeline::{PipelineConfig, run_pipeline};
 use explora::objectives::HeadConfig;
+use explora::recipes::pipeline::{PipelineConfig, run_pipeline};
 
 use crate::common::*;
 
@@ -83,7 +83,14 @@ fn pipeline_compares_source_and_explora_and_reuses_its_work() {
     }
     let explora_rows = summary.rows.iter().filter(|r| r.variant == "explora");
     assert!(explora_rows.clone().all(|r| r.pretrain_trainable > 0 && r.images_seen >= 2 * 8));
-    for file in ["report.md", "report.csv", "splits.csv", "pipeline.toml", "pretrain/backbone.safetensors", "eval/source-finetune-lora/head.safetensors"] {
+    for file in [
+        "report.md",
+        "report.csv",
+        "splits.csv",
+        "pipeline.toml",
+        "pretrain/backbone.safetensors",
+        "eval/source-finetune-lora/head.safetensors",
+    ] {
         assert!(out.join(file).exists(), "{file} missing");
     }
     let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();

@@ -67,7 +67,10 @@ fn gradients_reach_exactly_the_planned_parameters() {
     let model = apply_plan(config.init(&device), &plan).unwrap();
     let out = model.forward(
         images(&device),
-        ForwardOptions { mask: Some(Tensor::<2>::random([2, 64], Distribution::Uniform(0.0, 1.0), &device).greater_elem(0.5)), attention_layers: vec![] },
+        ForwardOptions {
+            mask: Some(Tensor::<2>::random([2, 64], Distribution::Uniform(0.0, 1.0), &device).greater_elem(0.5)),
+            attention_layers: vec![],
+        },
     );
     let loss = out.cls.powf_scalar(2.0).sum() + out.patches.sum();
     let grads = loss.backward();
@@ -76,8 +79,17 @@ fn gradients_reach_exactly_the_planned_parameters() {
     let trained: Vec<&str> = check.seen.iter().filter(|(_, g)| *g).map(|(n, _)| n.as_str()).collect();
     let frozen: Vec<&str> = check.seen.iter().filter(|(_, g)| !*g).map(|(n, _)| n.as_str()).collect();
     // The last block (3) is fully unfrozen; LoRA on q and v elsewhere; norms, CLS, mask token.
-    for name in ["blocks.3.attn.qkv.weight", "blocks.3.mlp.fc2.bias", "blocks.3.ls1.gamma", "blocks.0.attn.lora_q.a",
-        "blocks.2.attn.lora_v.b", "blocks.1.norm1.gamma", "norm.beta", "cls_token", "mask_token"] {
+    for name in [
+        "blocks.3.attn.qkv.weight",
+        "blocks.3.mlp.fc2.bias",
+        "blocks.3.ls1.gamma",
+        "blocks.0.attn.lora_q.a",
+        "blocks.2.attn.lora_v.b",
+        "blocks.1.norm1.gamma",
+        "norm.beta",
+        "cls_token",
+        "mask_token",
+    ] {
         assert!(trained.contains(&name), "{name} should train; trained: {trained:?}");
     }
     for name in ["blocks.0.attn.qkv.weight", "blocks.2.mlp.fc1.weight", "blocks.1.ls2.gamma", "patch_embed.proj.weight", "pos_embed"] {
@@ -100,8 +112,17 @@ fn merged_lora_computes_the_same_function() {
     let mut model = apply_plan(config.init(&device), &plan).unwrap();
     // Give every B a non-zero value, as after training.
     for block in model.blocks.iter_mut() {
-        for lora in [&mut block.attn.lora_q, &mut block.attn.lora_k, &mut block.attn.lora_v, &mut block.attn.lora_proj,
-            &mut block.mlp.lora_fc1, &mut block.mlp.lora_fc2].into_iter().flatten() {
+        for lora in [
+            &mut block.attn.lora_q,
+            &mut block.attn.lora_k,
+            &mut block.attn.lora_v,
+            &mut block.attn.lora_proj,
+            &mut block.mlp.lora_fc1,
+            &mut block.mlp.lora_fc2,
+        ]
+        .into_iter()
+        .flatten()
+        {
             let dims = lora.b.dims();
             lora.b = Param::from_tensor(Tensor::random(dims, Distribution::Normal(0.0, 0.05), &device));
         }
@@ -171,8 +192,17 @@ fn adapter_files_are_small_reapply_exactly_and_export_merged() {
     // `explora export` merges LoRA and writes a plain HF checkpoint with the same function.
     let out = dir.path().join("hf").join("model.safetensors");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_explora"))
-        .args(["export", "--weights", base_path.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(),
-            "--layout", "hf", "--out", out.to_str().unwrap()])
+        .args([
+            "export",
+            "--weights",
+            base_path.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--layout",
+            "hf",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));

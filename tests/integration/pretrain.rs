@@ -11,8 +11,8 @@ use explora::engine::{self, Command, Event};
 use explora::model::VitConfig;
 use explora::model::params::{accumulate_grads, for_each_param, trainable_params};
 use explora::objectives::{Centers, DinoModel, HeadConfig, LossConfig, MaskedPatches, StepInputs, ema_update, step_loss};
-use explora::peft::{AdaptationPlan, Preset, apply_plan, trainable_patterns};
 use explora::optim::{AdamW, UpdateRule};
+use explora::peft::{AdaptationPlan, Preset, apply_plan, trainable_patterns};
 use explora::train::{PretrainConfig, PretrainJob, pretrain};
 
 use crate::common::*;

@@ -75,10 +75,13 @@ fn real_vits14_matches_the_onnx_reference_on_eurosat() {
     assert_close(out.cls, &expected["cls"], tol, "real cls");
     let stride: usize = meta["patch_stride"].parse().unwrap();
     let strided = (0..256).step_by(stride).collect::<Vec<_>>();
-    let picked = out.patches.clone().select(1, burn::tensor::Tensor::from_data(
-        burn::tensor::TensorData::new(strided.iter().map(|&i| i as i64).collect::<Vec<_>>(), [strided.len()]),
-        &device,
-    ));
+    let picked = out.patches.clone().select(
+        1,
+        burn::tensor::Tensor::from_data(
+            burn::tensor::TensorData::new(strided.iter().map(|&i| i as i64).collect::<Vec<_>>(), [strided.len()]),
+            &device,
+        ),
+    );
     assert_close(picked, &expected["patches_strided"], tol, "real patch tokens");
     assert_close(out.patches.mean_dim(1).reshape([n, 384]), &expected["patch_mean"], tol, "real patch mean");
 }
