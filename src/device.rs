@@ -183,7 +183,7 @@ pub fn list_adapters() -> Vec<AdapterInfo> {
                 driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
                 selector,
                 max_buffer_size: limits.max_buffer_size,
-                max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+                max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
                 max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
                 max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
                 shader_f16: features.contains(wgpu::Features::SHADER_F16),

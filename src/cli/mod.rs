@@ -599,7 +599,7 @@ fn export_cmd(choice: &DeviceChoice, args: ExportArgs) -> anyhow::Result<()> {
 
 fn check_size(size: u32, config: &VitConfig) -> anyhow::Result<()> {
     anyhow::ensure!(
-        size > 0 && size as usize % config.patch_size == 0,
+        size > 0 && (size as usize).is_multiple_of(config.patch_size),
         "--size {size} is not a multiple of the model's patch size {}",
         config.patch_size
     );

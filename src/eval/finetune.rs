@@ -143,14 +143,11 @@ pub struct FinetuneResult {
     pub skipped_files: usize,
 }
 
+/// A decoded batch: images (CHW, concatenated), labels, and the files that could not be read.
+type Batch = (Vec<f32>, Vec<i64>, Vec<(PathBuf, String)>);
+
 /// Decodes, augments and normalises the training batches on a producer thread.
-fn batches(
-    items: Vec<(PathBuf, usize)>,
-    size: u32,
-    config: &FinetuneConfig,
-    seed: u64,
-    epoch: usize,
-) -> mpsc::Receiver<(Vec<f32>, Vec<i64>, Vec<(PathBuf, String)>)> {
+fn batches(items: Vec<(PathBuf, usize)>, size: u32, config: &FinetuneConfig, seed: u64, epoch: usize) -> mpsc::Receiver<Batch> {
     let (tx, rx) = mpsc::sync_channel(2);
     let (batch, scale, overhead) = (config.batch, config.crop_scale, config.overhead);
     std::thread::spawn(move || {
@@ -158,7 +155,8 @@ fn batches(
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
         crate::data::rng::shuffle(&mut order, &mut rng);
         for (b, chunk) in order.chunks(batch).enumerate() {
-            let views: Vec<Result<(Vec<f32>, i64), (PathBuf, String)>> = chunk
+            type View = Result<(Vec<f32>, i64), (PathBuf, String)>;
+            let views: Vec<View> = chunk
                 .par_iter()
                 .enumerate()
                 .map(|(j, &i)| {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::mpsc::{self, Receiver};
 use std::time::Instant;
 
 use burn::tensor::Device;
@@ -430,11 +430,8 @@ impl AppState {
         if let Some(run) = &self.run
             && let Some(handle) = &run.handle
         {
-            loop {
-                match handle.events.try_recv() {
-                    Ok(e) => events.push(e),
-                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
-                }
+            while let Ok(e) = handle.events.try_recv() {
+                events.push(e);
             }
         }
         let changed = !events.is_empty();

@@ -44,21 +44,6 @@ pub fn ok_line(ui: &mut Ui, text: impl Into<String>) {
     ui.label(RichText::new(text.into()).color(Color32::from_rgb(110, 200, 120)));
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats_numbers_and_durations() {
-        assert_eq!(group(18_725_888), "18,725,888");
-        assert_eq!(group(64), "64");
-        assert_eq!(duration(75.0), "1 min 15 s");
-        assert_eq!(duration(3.4), "3 s");
-        assert_eq!(duration(7300.0), "2 h 1 min");
-        assert_eq!(mib(3 << 20), "3.0 MiB");
-    }
-}
-
 /// `text` with the few symbols the engine writes that egui's bundled font cannot draw (arrows,
 /// comparison signs) spelled in ASCII, so no box ("tofu") appears in the window.
 pub fn drawable(text: &str) -> String {
@@ -74,4 +59,19 @@ pub fn drawable(text: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_numbers_and_durations() {
+        assert_eq!(group(18_725_888), "18,725,888");
+        assert_eq!(group(64), "64");
+        assert_eq!(duration(75.0), "1 min 15 s");
+        assert_eq!(duration(3.4), "3 s");
+        assert_eq!(duration(7300.0), "2 h 1 min");
+        assert_eq!(mib(3 << 20), "3.0 MiB");
+    }
 }

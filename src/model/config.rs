@@ -228,7 +228,7 @@ impl VitConfig {
         if self.depth == 0 {
             return err("depth", "must be at least 1".into());
         }
-        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return err("num_heads", format!("({}) must divide embed_dim ({})", self.num_heads, self.embed_dim));
         }
         if self.patch_size == 0 {
@@ -237,7 +237,7 @@ impl VitConfig {
         if self.pos_grid == 0 {
             return err("pos_grid", "must be positive".into());
         }
-        if self.image_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return err("image_size", format!("({}) must be a positive multiple of patch_size ({})", self.image_size, self.patch_size));
         }
         if !(self.mlp_ratio > 0.0) {

@@ -98,7 +98,7 @@ mod tests {
         // the values below (torch 2.x, float32).
         let w = bicubic_weights(4, 6, 0.0, false);
         let out: Vec<f32> = (0..6).map(|i| (0..4).map(|j| w[i * 4 + j] * j as f32).sum()).collect();
-        let expected = [-0.086805556, 0.40625, 1.212963, 1.787037, 2.59375, 3.0868056];
+        let expected = [-0.086_805_56, 0.40625, 1.212963, 1.787037, 2.59375, 3.0868056];
         for (o, e) in out.iter().zip(expected) {
             assert!((o - e).abs() < 1e-5, "{out:?}");
         }
@@ -122,7 +122,7 @@ mod tests {
         //   antialias=True)[..., :5] with torch 2.x, for an upsampling and a downsampling.
         let cases: [(usize, usize, [f32; 5]); 2] = [
             (4, 6, [-0.06578932, 0.41176474, 1.1666667, 1.8333333, 2.5882354]),
-            (37, 16, [0.708427, 2.9193218, 5.2833624, 7.5926952, 9.904927]),
+            (37, 16, [0.708427, 2.9193218, 5.2833624, 7.592_695, 9.904927]),
         ];
         for (n_in, n_out, expected) in cases {
             let w = bicubic_weights(n_in, n_out, 0.0, true);

@@ -413,7 +413,7 @@ fn run_comparison(
     let vit = load_backbone_with(&source_weights, arch.clone(), device)?.0.config().clone();
     let size = config.data.image_size;
     anyhow::ensure!(
-        size as usize % vit.patch_size == 0,
+        (size as usize).is_multiple_of(vit.patch_size),
         "invalid pipeline config: `data.image_size` {size} is not a multiple of the model's patch size {}",
         vit.patch_size
     );

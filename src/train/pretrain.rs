@@ -347,7 +347,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
             "img_per_s": images as f64 / step_seconds.max(1e-9),
             "gpu_bytes": memory,
         });
-        let monitor_due = config.monitor.knn_every > 0 && (state.step % config.monitor.knn_every == 0 || state.step == total);
+        let monitor_due = config.monitor.knn_every > 0 && (state.step.is_multiple_of(config.monitor.knn_every) || state.step == total);
         if monitor_due && let Some(acc) = knn(&state.teacher) {
             line["knn_top1"] = serde_json::json!(acc);
             summary.knn_after = Some(acc);
@@ -362,7 +362,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         });
         ctx.progress(state.step, Some(total));
         let every = config.run.checkpoint_every;
-        if (every > 0 && state.step % every == 0) || state.step == total {
+        if (every > 0 && state.step.is_multiple_of(every)) || state.step == total {
             last_checkpoint = Some(state::save(out, &state, config.run.keep_checkpoints)?);
         }
     }
@@ -452,7 +452,7 @@ fn report_text(config: &PretrainConfig, plan: &AdaptationPlan, vit: &VitConfig, 
     };
     format!(
         "# ExPLoRA pre-training\n\n\
-         - backbone: {} ({}), weights `{}`\n\
+         - backbone: {} ({} blocks, width {}), weights `{}`\n\
          - plan: unfrozen blocks {:?}, LoRA rank {} on {} elsewhere; {} trainable of {} ({:.2}%)\n\
          - data: {data}\n\
          - crops: 2 × {} px global, {} × {} px local; effective batch {}\n\
@@ -467,7 +467,8 @@ fn report_text(config: &PretrainConfig, plan: &AdaptationPlan, vit: &VitConfig, 
          `explora --no-gui pretrain --weights dinov2_vits14.pth --images /data/eurosat --out runs/eurosat` \
          (paper defaults: 224/98 px crops, 65,536 prototypes; see `explora pretrain --help`).\n",
         vit.name,
-        format!("{} blocks, width {}", vit.depth, vit.embed_dim),
+        vit.depth,
+        vit.embed_dim,
         config.model.weights.as_ref().map_or("random".into(), |p| p.display().to_string()),
         plan.unfrozen_blocks(),
         plan.lora.rank,

@@ -164,34 +164,32 @@ pub fn restore(found: Readable, mut state: TrainState, device: &Device) -> anyho
     let path = path.as_path();
     let steps: HashMap<String, u64> = serde_json::from_str(meta.get("optim_steps").map_or("{}", String::as_str))?;
     let mut missing = Vec::new();
-    let mut restore = |prefix: &str, model: DinoModel, only_trainable: bool| {
-        let mut wanted = Vec::new();
-        for_each_param(&model, |name, _, trainable| {
-            if trainable || !only_trainable {
-                wanted.push(name.to_string());
+    // The student's trainable tensors, each checked against the file.
+    let mut wanted = Vec::new();
+    for_each_param(&state.student, |name, _, trainable| {
+        if trainable {
+            wanted.push(name.to_string());
+        }
+    });
+    state.student = map_params(state.student, |name, current| {
+        if !wanted.iter().any(|w| w == name) {
+            return None;
+        }
+        let key = format!("student.{name}");
+        match tensors.get(&key) {
+            Some(t) if t.data.len() == current.dims()[0] => {
+                Some(Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), &current.device()))
             }
-        });
-        map_params(model, |name, current| {
-            if !wanted.iter().any(|w| w == name) {
-                return None;
+            Some(t) => {
+                missing.push(format!("{key} (has {} values, the model {})", t.data.len(), current.dims()[0]));
+                None
             }
-            let key = format!("{prefix}.{name}");
-            match tensors.get(&key) {
-                Some(t) if t.data.len() == current.dims()[0] => {
-                    Some(Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), &current.device()))
-                }
-                Some(t) => {
-                    missing.push(format!("{key} (has {} values, the model {})", t.data.len(), current.dims()[0]));
-                    None
-                }
-                None => {
-                    missing.push(key);
-                    None
-                }
+            None => {
+                missing.push(key);
+                None
             }
-        })
-    };
-    state.student = restore("student", state.student, true);
+        }
+    });
     // The teacher's trainable set is the student's: take the same names.
     let names: Vec<String> = tensors.keys().filter_map(|k| k.strip_prefix("teacher.").map(String::from)).collect();
     let mut teacher_missing = Vec::new();
