@@ -770,7 +770,7 @@ pub fn pretrain_config(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
         c.model.arch = args.arch.clone();
     }
     if args.images.is_some() {
-        c.data.images = args.images.clone();
+        c.set_images(args.images.clone());
     }
     let o = &mut c.optim;
     o.batch = args.batch.unwrap_or(o.batch);

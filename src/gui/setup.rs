@@ -102,7 +102,7 @@ impl SetupPanel {
         ui.separator();
         ui.heading("Data");
         if text_field(ui, "unlabelled images (empty: procedural satellite-like tiles)", &mut self.images, 360.0).changed() {
-            state.config.data.images = non_empty(&self.images);
+            state.config.set_images(non_empty(&self.images));
         }
         if text_field(
             ui,

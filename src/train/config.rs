@@ -265,6 +265,16 @@ impl PretrainConfig {
         c
     }
 
+    /// The unlabelled images to pre-train on (`None`: procedural tiles), as both faces set
+    /// them. Generated evaluation tiles only match the procedural domain, so with a folder and
+    /// no labelled set the evaluation after the run is turned off.
+    pub fn set_images(&mut self, folder: Option<PathBuf>) {
+        if folder.is_some() && self.evaluate.labelled.is_none() {
+            self.evaluate.after_training = false;
+        }
+        self.data.images = folder;
+    }
+
     /// A labelled ImageFolder for the run, as both faces set it: the k-NN monitor reads it
     /// (every [`MonitorSection::DEFAULT_EVERY`] steps unless a period is set) and, with
     /// `evaluate`, the comparison after the run uses it. `None` clears both uses.

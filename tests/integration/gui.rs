@@ -33,6 +33,9 @@ fn small_config() -> PretrainConfig {
     c.monitor.knn_max_images = 16;
     c.monitor.knn_k = 3;
     c.run.preview_every = 1;
+    // The run evaluates itself when it ends (`[evaluate]`), on a few generated tiles.
+    c.evaluate.after_training = true;
+    c.evaluate.tiles_per_class = 10;
     c
 }
 
@@ -45,9 +48,19 @@ fn app_harness(out: &Path) -> Harness<'static, App> {
     Harness::builder().with_size([1280.0, 860.0]).wgpu().build_eframe(move |cc| App::new(cc, state))
 }
 
-/// Renders the current frame to `<name>.png` and checks it is not blank.
-fn snapshot(harness: &mut Harness<'_, App>, name: &str) -> RgbaImage {
+/// Renders the current frame to `<name>.png`, checks it is not blank, that the labels a person
+/// would look for on this panel are drawn, and that no error is shown (a panel that only shows
+/// an error banner is not blank either).
+fn snapshot(harness: &mut Harness<'_, App>, name: &str, shows: &[&str]) -> RgbaImage {
     harness.run_steps(2);
+    for label in shows {
+        assert!(harness.get_all_by_label_contains(label).count() >= 1, "{name}: `{label}` is not shown");
+    }
+    let state = &harness.state().state;
+    assert!(state.model_error.is_none(), "{name}: the app shows a model error: {:?}", state.model_error);
+    if let Some(Err(e)) = state.run.as_ref().and_then(|r| r.finished.as_ref()) {
+        panic!("{name}: the app shows a failed run: {e}");
+    }
     let image = harness.render().expect("render");
     image.save(snapshots().join(format!("{name}.png"))).unwrap();
     let mut colours = std::collections::HashSet::new();
@@ -91,14 +104,14 @@ fn the_app_edits_the_plan_trains_and_shows_batches_and_attention() {
     // Launch: the Setup panel on the built-in run, ready to start.
     assert_eq!(harness.state().tab, Tab::Setup);
     harness.get_by_label("ready: press Start on the Training panel");
-    let setup = snapshot(&mut harness, "setup");
+    let setup = snapshot(&mut harness, "setup", &["ready: press Start on the Training panel", "built-in source backbone"]);
 
     // The plan: the budget label follows the preset buttons, with `explora plan`'s numbers.
     open_tab(&mut harness, Tab::Adaptation);
     let explora_label = total_label(&harness.state().state).unwrap();
     // (in the panel and in the status bar)
     assert_eq!(harness.get_all_by_label(&explora_label).count(), 2);
-    let adaptation = snapshot(&mut harness, "adaptation-explora");
+    let adaptation = snapshot(&mut harness, "adaptation-explora", &[&explora_label, "explora preset"]);
     harness.get_by_label("lora preset").click();
     harness.run_steps(2);
     let vit = explora::model::VitConfig::tiny();
@@ -107,7 +120,7 @@ fn the_app_edits_the_plan_trains_and_shows_batches_and_attention() {
     let lora_label = total_label(&harness.state().state).unwrap();
     assert!(lora_label.starts_with("total trainable: 65,536 "), "{lora_label}");
     assert_eq!(harness.get_all_by_label(&lora_label).count(), 2);
-    let adaptation_lora = snapshot(&mut harness, "adaptation-lora");
+    let adaptation_lora = snapshot(&mut harness, "adaptation-lora", &[&lora_label]);
     assert!(difference(&setup, &adaptation) > 0.02, "setup and adaptation panels look the same");
     let changed = difference(&adaptation, &adaptation_lora);
     assert!(changed > 0.0005 && changed < 0.5, "a preset should change the rows and budget only ({changed})");
@@ -117,7 +130,7 @@ fn the_app_edits_the_plan_trains_and_shows_batches_and_attention() {
 
     // Training: start, see the plots and the batch viewer fill.
     open_tab(&mut harness, Tab::Training);
-    let idle = snapshot(&mut harness, "training-idle");
+    let idle = snapshot(&mut harness, "training-idle", &["Start"]);
     harness.get_by_label("Start").click();
     step_until(&mut harness, "the first training steps", Duration::from_secs(240), |app| {
         app.state.series.get("loss").is_some_and(|s| !s.is_empty()) && app.state.batch.is_some()
@@ -129,16 +142,16 @@ fn the_app_edits_the_plan_trains_and_shows_batches_and_attention() {
     let steps_taken = harness.state().state.run.as_ref().unwrap().step;
     assert!((1..5_000).contains(&steps_taken), "paused at {steps_taken}");
     assert!(harness.get_all_by_label_contains(&step_label(&harness.state().state)).count() >= 1);
-    let training = snapshot(&mut harness, "training");
+    let training = snapshot(&mut harness, "training", &["Resume", "loss"]);
     assert!(difference(&idle, &training) > 0.01, "the plots did not fill");
 
     open_tab(&mut harness, Tab::Batch);
     assert_eq!(harness.state().batch.thumbnails(), 4 * 5, "4 samples × (source + 2 global + 2 local crops)");
-    let batch = snapshot(&mut harness, "batch");
+    let batch = snapshot(&mut harness, "batch", &["sample 0, global crop 0"]);
     harness.get_by_label_contains("sample 0, global crop 0").click();
     harness.run_steps(2);
     assert_eq!(harness.state().batch.enlarged, Some((0, 1)), "global crop 0 comes after the source image");
-    let enlarged = snapshot(&mut harness, "batch-enlarged");
+    let enlarged = snapshot(&mut harness, "batch-enlarged", &["sample 0, global crop 0"]);
     assert!(difference(&batch, &enlarged) > 0.01, "clicking a crop should enlarge it");
 
     // Attention: asked of the (paused) job, answered between two steps.
@@ -149,7 +162,7 @@ fn the_app_edits_the_plan_trains_and_shows_batches_and_attention() {
     let view = harness.state().state.attention.clone().unwrap();
     assert_eq!((view.source.rows, view.source.cols), (4, 4));
     assert_eq!(view.source.layer, 3);
-    let attention = snapshot(&mut harness, "attention");
+    let attention = snapshot(&mut harness, "attention", &["Show attention"]);
     assert!(difference(&batch, &attention) > 0.05);
 
     // Stop writes a checkpoint; resuming the folder (as `explora --no-gui resume` would) finishes.
@@ -164,13 +177,27 @@ fn the_app_edits_the_plan_trains_and_shows_batches_and_attention() {
     assert!(harness.state().state.series["loss"].len() >= 3, "the resumed run's plots start with the earlier steps");
     let finished = harness.state().state.run.as_ref().unwrap().finished.clone().unwrap();
     let expected = format!("pre-trained {} steps", steps_taken + 2);
-    assert!(finished.as_ref().is_ok_and(|s| s.contains(&expected)), "{finished:?}");
+    assert!(finished.as_ref().is_ok_and(|s| s.contains(&expected) && s.contains("report in")), "{finished:?}");
     assert!(out.join("backbone.safetensors").exists() && out.join("report.md").exists());
+    assert!(out.join("evaluation/report.md").exists(), "the run's [evaluate] section was not carried out");
 
     open_tab(&mut harness, Tab::Results);
     harness.get_by_label("report.md");
-    let results = snapshot(&mut harness, "results");
+    let results = snapshot(&mut harness, "results", &["report.md", "evaluation/report.md"]);
     assert!(difference(&results, &training) > 0.02);
+
+    // The run the app started resumes headless from another directory: two more steps, then
+    // its evaluation again.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let steps = (steps_taken + 4).to_string();
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_explora"))
+        .current_dir(elsewhere.path())
+        .args(["--no-gui", "--device", "cpu", "resume", out.to_str().unwrap(), "--steps", &steps])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&cli.stdout), String::from_utf8_lossy(&cli.stderr));
+    assert!(cli.status.success(), "{text}");
+    assert!(text.contains(&format!("pre-trained {steps} steps")) && text.contains("report in"), "{text}");
     eprintln!("gui test: {:.0} s, snapshots in {}", launched.elapsed().as_secs_f64(), snapshots().display());
 }
 
@@ -245,11 +272,11 @@ fn the_results_panel_shows_the_evaluation_report_and_confusion_matrices() {
         .save(eval.join("eval/explora-linear-probe/confusion.png"))
         .unwrap();
     let mut harness = app_harness(&run);
-    let before = snapshot(&mut harness, "results-before");
+    let before = snapshot(&mut harness, "results-before", &[]);
     open_tab(&mut harness, Tab::Results);
     harness.get_by_label("evaluation/report.md");
     // Its caption and the picture itself (alt text).
     assert_eq!(harness.get_all_by_label("evaluation/eval/explora-linear-probe/confusion.png").count(), 2);
-    let results = snapshot(&mut harness, "results-evaluation");
+    let results = snapshot(&mut harness, "results-evaluation", &["evaluation/report.md"]);
     assert!(difference(&before, &results) > 0.02, "the Results panel shows nothing new");
 }

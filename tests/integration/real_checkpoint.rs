@@ -36,6 +36,22 @@ fn inputs(root: &std::path::Path) -> (Vec<f32>, usize) {
     (data, kept.len())
 }
 
+/// Regenerating the reference (see tests/fixtures/README.md): writes the exact input tensor
+/// for `real_reference.py` to `$EXPLORA_DUMP_REAL_INPUTS` and checks it reads back whole.
+#[test]
+#[ignore = "writes the reference input for real_reference.py; run with --ignored"]
+fn dump_the_real_reference_input() {
+    let (Some(root), Ok(dump)) = (shared(), std::env::var("EXPLORA_DUMP_REAL_INPUTS")) else {
+        panic!("needs ../shared and EXPLORA_DUMP_REAL_INPUTS=<file.safetensors>");
+    };
+    let (data, n) = inputs(&root);
+    let mut map = TensorMap::new();
+    map.insert("images".into(), RawTensor::new(vec![n, 3, SIZE as usize, SIZE as usize], data));
+    write_safetensors(std::path::Path::new(&dump), &map, &Default::default()).unwrap();
+    let (back, _) = explora::checkpoint::read_safetensors(std::path::Path::new(&dump)).unwrap();
+    assert_eq!(back, map, "{dump} does not read back as written");
+}
+
 #[test]
 fn real_vits14_matches_the_onnx_reference_on_eurosat() {
     let Some(root) = shared() else {
@@ -43,14 +59,6 @@ fn real_vits14_matches_the_onnx_reference_on_eurosat() {
         return;
     };
     let (data, n) = inputs(&root);
-    if let Ok(dump) = std::env::var("EXPLORA_DUMP_REAL_INPUTS") {
-        // Regenerating the reference: write the exact input tensor for real_reference.py.
-        let mut map = TensorMap::new();
-        map.insert("images".into(), RawTensor::new(vec![n, 3, SIZE as usize, SIZE as usize], data));
-        write_safetensors(std::path::Path::new(&dump), &map, &Default::default()).unwrap();
-        eprintln!("wrote {dump}");
-        return;
-    }
     let expected_path = fixtures().join("real").join("expected.safetensors");
     assert!(expected_path.exists(), "{} is missing; see tests/fixtures/README.md", expected_path.display());
     let (expected, meta) = explora::checkpoint::read_safetensors(&expected_path).unwrap();
