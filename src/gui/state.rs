@@ -445,10 +445,12 @@ impl AppState {
         let Some(run) = self.run.as_mut() else { return };
         match event {
             Event::Phase { phase, total } => {
-                run.phase = phase;
-                if total.is_some() {
+                // The status bar counts pre-training steps; other phases (evaluation, export)
+                // only change the phase shown beside them.
+                if phase == Phase::Pretraining && total.is_some() {
                     run.total = total;
                 }
+                run.phase = phase;
             }
             Event::Progress { done, total, .. } => {
                 if run.phase == Phase::Pretraining {
