@@ -1,0 +1,65 @@
+//! `explora plan`: the adaptation plan and its parameter budget, without training.
+
+use super::super::args::*;
+use super::super::parse_arch;
+
+pub(crate) fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
+    let config = parse_arch(&Some(args.arch.clone()))?.expect("given");
+    let spec = crate::peft::PlanSpec {
+        preset: args.preset.clone(),
+        unfreeze: args.unfreeze.clone(),
+        lora_rank: args.rank,
+        lora_alpha: args.alpha,
+        lora_targets: args.targets.clone(),
+        convpass: args.convpass,
+        convpass_scale: args.convpass_scale,
+        convpass_blocks: args.convpass_blocks.clone(),
+        memory_tokens: args.memory_tokens,
+        ..Default::default()
+    };
+    let plan = spec.resolve(&config)?;
+    let budget = plan.budget(&config);
+    anyhow::ensure!(args.crops.len() == 2, "--crops takes two sizes, global and local, e.g. --crops 224,98");
+    let crops = [(args.crops[0], 2), (args.crops[1], args.local_crops)];
+    let activations = crate::peft::activation_bytes(&config, &plan, args.batch, &crops);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "arch": config.name, "plan": plan, "budget": budget, "activation_bytes": activations })
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "{} ({} blocks, width {}): {} parameters; preset {}",
+        config.name,
+        config.depth,
+        config.embed_dim,
+        crate::peft::thousands(config.num_params()),
+        args.preset
+    );
+    println!("{:<44} {:>14} {:>8}", "trainable component", "parameters", "%");
+    for row in &budget.rows {
+        println!(
+            "{:<44} {:>14} {:>7.2}%",
+            row.component,
+            crate::peft::thousands(row.params),
+            100.0 * row.params as f64 / budget.backbone as f64
+        );
+    }
+    println!("{:<44} {:>14} {:>7.2}%", "total", crate::peft::thousands(budget.trainable), budget.percent());
+    println!(
+        "optimizer state (AdamW, 2 × f32 per trainable parameter): {:.1} MiB",
+        budget.optimizer_state_bytes() as f64 / (1 << 20) as f64
+    );
+    println!(
+        "activation memory (estimate, f32, batch {}, 2 × {} px + {} × {} px crops): {:.1} MiB",
+        args.batch,
+        args.crops[0],
+        args.local_crops,
+        args.crops[1],
+        activations as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
