@@ -432,7 +432,8 @@ fn run_comparison(
         seconds: 0.0,
         peak_gpu_bytes: None,
     };
-    if !evaluate(&source, config, &set.classes, [&train, &val, &test], size, out, device, ctx, &mut summary)? {
+    let setting = Setting { config, class_names: &set.classes, splits: [&train, &val, &test], size, out };
+    if !evaluate(&source, &setting, device, ctx, &mut summary)? {
         summary.stopped = true;
         return Ok(summary);
     }
@@ -489,7 +490,7 @@ fn run_comparison(
         seconds: pre_seconds,
         peak_gpu_bytes: pre_summary.peak_gpu_bytes,
     };
-    if !evaluate(&explora, config, &set.classes, [&train, &val, &test], size, out, device, ctx, &mut summary)? {
+    if !evaluate(&explora, &setting, device, ctx, &mut summary)? {
         summary.stopped = true;
         return Ok(summary);
     }
@@ -503,17 +504,25 @@ fn run_comparison(
 
 /// k-NN, linear probe (and fine-tuning) of one variant; false if a stop command came.
 #[allow(clippy::too_many_arguments)]
+/// What every variant of one comparison is evaluated on.
+struct Setting<'a> {
+    config: &'a PipelineConfig,
+    class_names: &'a [String],
+    /// Train, val and test images with their labels.
+    splits: [&'a Vec<(PathBuf, usize)>; 3],
+    /// Input size in pixels.
+    size: u32,
+    out: &'a Path,
+}
+
 fn evaluate(
     variant: &Variant,
-    config: &PipelineConfig,
-    class_names: &[String],
-    [train, val, test]: [&Vec<(PathBuf, usize)>; 3],
-    size: u32,
-    out: &Path,
+    setting: &Setting<'_>,
     device: &Device,
     ctx: &mut JobContext,
     summary: &mut PipelineSummary,
 ) -> anyhow::Result<bool> {
+    let Setting { config, class_names, splits: [train, val, test], size, out } = *setting;
     let classes = class_names.len();
     ctx.info(format!("evaluating the {} backbone ({})", variant.name, variant.weights.display()));
     let began = Instant::now();
