@@ -298,6 +298,7 @@ pub fn finetune(
                 layer_decay: config.layer_decay,
                 depth: vit.depth,
                 freeze_prototypes: false,
+                freeze_backbone: false,
             };
             model = optim.step(model, &grads, &grad_scale, rule);
             step += 1;

@@ -38,6 +38,8 @@ pub struct UpdateRule {
     pub depth: usize,
     /// Leave `head.prototypes` untouched this step.
     pub freeze_prototypes: bool,
+    /// Leave every `backbone.*` tensor untouched this step (the head warms up first).
+    pub freeze_backbone: bool,
 }
 
 /// DINOv2: no weight decay on biases, norms and LayerScale.
@@ -85,7 +87,7 @@ impl AdamW {
         let state = &mut self.state;
         map_params(module, |path, param| {
             let grad = grads.get(path)?;
-            if rule.freeze_prototypes && path == "head.prototypes" {
+            if (rule.freeze_prototypes && path == "head.prototypes") || (rule.freeze_backbone && path.starts_with("backbone.")) {
                 return None;
             }
             let g = grad.clone() * grad_scale.clone();

@@ -108,6 +108,7 @@ pub fn optimizer_step(
         layer_decay: config.optim.layer_decay,
         depth: state.student.backbone.config().depth,
         freeze_prototypes: state.step < config.optim.freeze_last_layer_steps,
+        freeze_backbone: state.step < config.optim.head_warmup_steps(config.run.steps),
     };
     state.student = state.optim.step(state.student, &grads, &grad_scale, rule);
     mark("optimizer", &mut timings);

@@ -113,7 +113,19 @@ fn gradients_reach_exactly_the_plan_and_the_head_and_the_teacher_follows_by_ema(
     assert_eq!(before.len(), trained.len());
     let frozen_before = values(teacher.backbone.blocks[0].attn.qkv.weight.val());
     let mut optim = AdamW::new([0.9, 0.999], 1e-8);
-    let rule = UpdateRule { lr: 1e-2, weight_decay: 0.04, layer_decay: 0.9, depth: 4, freeze_prototypes: false };
+    let rule = UpdateRule { lr: 1e-2, weight_decay: 0.04, layer_decay: 0.9, depth: 4, freeze_prototypes: false, freeze_backbone: false };
+    // During a head warm-up only the head moves (and AdamW keeps no moments for the backbone).
+    let warm = AdamW::new([0.9, 0.999], 1e-8).step(
+        student.clone(),
+        &grads,
+        &Tensor::ones([1], &device),
+        UpdateRule { freeze_backbone: true, ..rule },
+    );
+    let (warm_now, student_now) = (trainable_params(&warm), trainable_params(&student));
+    for (name, t) in &warm_now {
+        let moved = max_abs_diff(&values(t.clone()).1, &values(student_now[name].clone()).1) > 0.0;
+        assert_eq!(moved, !name.starts_with("backbone."), "{name} during the head warm-up");
+    }
     let student = optim.step(student, &grads, &Tensor::ones([1], &device), rule);
     let m = 0.9;
     let teacher = ema_update(teacher, &student, m);
