@@ -68,13 +68,38 @@ fn pipeline_compares_source_and_explora_and_reuses_its_work() {
         .collect();
     assert_eq!(names, expected);
     let chance = 1.0 / 5.0;
+    // The same comparison from a randomly initialised tiny ViT: what features that carry no
+    // pre-training give on these splits. The shipped source backbone must do clearly better
+    // with each frozen-feature method (a broken feature path, cache or split puts both near
+    // the same number).
+    // On the shifted target domain (colour says little there) with 300 tiles, so that the
+    // test split (60 tiles) can tell them apart; measured on the CPU backend: k-NN 0.52 vs 0.42,
+    // linear probe 0.57 vs 0.50 (one test tile is 0.017).
+    let random_weights = dir.path().join("random.safetensors");
+    explora::checkpoint::save_backbone(&explora::model::VitConfig::tiny().init(&device()), &random_weights).unwrap();
+    let mut target = tiny_pipeline();
+    target.data.procedural_shift = explora::data::Shift::Target;
+    target.data.procedural_per_class = 60;
+    // As the default run evaluates: 96-px tiles seen at 64 px.
+    target.data.procedural_size = 96;
+    target.data.image_size = 64;
+    target.pretrain.run.steps = 1;
+    let (shipped, _) = run(&target, &dir.path().join("shipped"));
+    target.model.weights = Some(random_weights);
+    let (random, _) = run(&target, &dir.path().join("random"));
+    for method in ["knn", "linear-probe"] {
+        let top1 = |s: &explora::recipes::pipeline::PipelineSummary| {
+            s.rows.iter().find(|r| r.variant == "source" && r.method == method).unwrap().top1
+        };
+        let (shipped, untrained) = (top1(&shipped), top1(&random));
+        eprintln!("{method}: source backbone {shipped} vs random init {untrained}");
+        let margin = if method == "knn" { 0.05 } else { 0.0 };
+        assert!(shipped > untrained + margin, "{method}: source backbone {shipped} vs random init {untrained}");
+    }
     for r in &summary.rows {
         assert!(r.top5 >= r.top1 && (0.0..=1.0).contains(&r.macro_f1), "{r:?}");
         assert_eq!(r.per_class.len(), 5);
-        // The shipped source backbone separates the source domain's scene classes well.
-        if !r.method.starts_with("finetune") {
-            assert!(r.top1 >= 2.5 * chance, "{} {}: top-1 {} is not well above chance", r.variant, r.method, r.top1);
-        } else {
+        if r.method.starts_with("finetune") {
             assert!(r.top1 >= 2.0 * chance, "{} fine-tune: top-1 {}", r.variant, r.top1);
             assert!(r.eval_trainable > 0 && r.images_seen > 0);
         }
