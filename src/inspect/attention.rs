@@ -8,6 +8,29 @@ use crate::model::{ForwardOptions, Vit};
 use burn::tensor::Tensor;
 
 pub use crate::engine::AttentionMap;
+use crate::engine::{AttentionRequest, AttentionView};
+
+/// The answer to an attention request: the image as the models see it at `size` px and its
+/// CLS attention in the source backbone and in the student (after `step` optimizer steps).
+/// One function for a running job (between two steps) and for a finished run.
+pub fn before_after(
+    request: &AttentionRequest,
+    size: u32,
+    source: &Vit,
+    student: &Vit,
+    step: u64,
+    device: &burn::tensor::Device,
+) -> anyhow::Result<AttentionView> {
+    let pre = crate::data::Preprocess::new(size);
+    let x = || super::images_tensor(pre.to_tensor_data(&request.image), 1, size as usize, device);
+    Ok(AttentionView {
+        id: request.id,
+        image: pre.apply(&request.image),
+        source: cls_attention(source, x(), request.layer, request.head)?,
+        student: cls_attention(student, x(), request.layer, request.head)?,
+        step,
+    })
+}
 
 /// Runs `image` (`[1, 3, H, W]`) through the model and returns the CLS attention of `layer`
 /// (one head, or the mean over heads) over the patches. Errors name the valid range.

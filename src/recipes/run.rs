@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 
 use super::pipeline::{PipelineSummary, evaluate_run};
+use crate::checkpoint::{load_backbone, load_backbone_with};
 use crate::data::generate_shifted_image_folder;
-use crate::engine::{JobContext, Phase};
+use crate::engine::{AttentionRequest, AttentionView, JobContext, Phase};
 use crate::train::{PretrainConfig, PretrainJob, PretrainSummary, pretrain};
 
 /// What a run ended with.
@@ -88,4 +89,14 @@ pub fn run(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> anyhow::
         text.push_str(&format!("\n{}; report in {}", evaluation.headline(), job.out.join("evaluation/report.md").display()));
     }
     Ok(text)
+}
+
+/// The attention of `request` in a finished run: its source weights (from its `config.toml`)
+/// against its adapted `backbone.safetensors` (what the app shows once a run has ended).
+pub fn attention_of_finished_run(out: &Path, request: &AttentionRequest, device: &Device) -> anyhow::Result<AttentionView> {
+    let config = PretrainConfig::load(&out.join("config.toml"))?;
+    let source_path = config.model.weights.clone().unwrap_or_else(|| out.join("base.safetensors"));
+    let (source, _) = load_backbone_with(&source_path, config.arch_preset()?, device)?;
+    let (student, _) = load_backbone(&out.join("backbone.safetensors"), device)?;
+    crate::inspect::attention::before_after(request, config.crops.global_size, &source, &student, config.run.steps, device)
 }

@@ -432,14 +432,7 @@ fn answer_attention(
         *source = Some(load_backbone_with(path, arch, device)?.0);
     }
     let source = source.as_ref().expect("loaded above");
-    let student = student.clone().valid();
-    let size = config.crops.global_size;
-    let pre = crate::data::Preprocess::new(size);
-    let shown = pre.apply(&request.image);
-    let x = || crate::inspect::images_tensor(pre.to_tensor_data(&request.image), 1, size as usize, device);
-    let source_map = crate::inspect::attention::cls_attention(source, x(), request.layer, request.head)?;
-    let student_map = crate::inspect::attention::cls_attention(&student, x(), request.layer, request.head)?;
-    Ok(AttentionView { id: request.id, image: shown, source: source_map, student: student_map, step })
+    crate::inspect::attention::before_after(request, config.crops.global_size, source, &student.clone().valid(), step, device)
 }
 
 fn report_text(config: &PretrainConfig, plan: &AdaptationPlan, vit: &VitConfig, s: &PretrainSummary) -> String {
