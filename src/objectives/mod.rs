@@ -4,6 +4,7 @@
 mod dino;
 mod head;
 mod loss;
+pub mod mae;
 
 pub use dino::{Centers, DinoModel, LossConfig, StepInputs, StepLoss, ema_update, step_loss};
 pub use head::{DinoHead, HeadConfig};
