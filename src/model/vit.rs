@@ -11,7 +11,7 @@ use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use super::config::VitConfig;
 use super::convpass::Convpass;
@@ -175,6 +175,32 @@ pub struct LayerMemory {
 }
 
 impl Block {
+    /// A fresh pre-norm block of width `d` (the initialisation of [`VitConfig::init`]); MAE's
+    /// decoder builds its blocks with this too.
+    pub fn new(d: usize, heads: usize, hidden: usize, swiglu: bool, layer_scale: Option<f64>, eps: f64, device: &Device) -> Self {
+        let norm = || LayerNormConfig::new(d).with_epsilon(eps).init(device);
+        let scale = || layer_scale.map(|value| LayerScale { gamma: Initializer::Constant { value }.init([d], device) });
+        let fc1_out = if swiglu { 2 * hidden } else { hidden };
+        Block {
+            norm1: norm(),
+            attn: Attention {
+                qkv: linear(d, 3 * d, device),
+                proj: linear(d, d, device),
+                lora_q: None,
+                lora_k: None,
+                lora_v: None,
+                lora_proj: None,
+                num_heads: heads,
+            },
+            ls1: scale(),
+            norm2: norm(),
+            mlp: Mlp { fc1: linear(d, fc1_out, device), fc2: linear(hidden, d, device), lora_fc1: None, lora_fc2: None, swiglu },
+            ls2: scale(),
+            convpass_attn: None,
+            convpass_mlp: None,
+        }
+    }
+
     pub fn forward(
         &self,
         x: Tensor<3>,
@@ -275,35 +301,9 @@ impl VitConfig {
         let d = self.embed_dim;
         let normal = Initializer::Normal { mean: 0.0, std: INIT_STD };
         let norm = || LayerNormConfig::new(d).with_epsilon(self.norm_eps).init(device);
-        let layer_scale = || self.layer_scale.map(|value| LayerScale { gamma: Initializer::Constant { value }.init([d], device) });
         let hidden = self.mlp_hidden();
-        let fc1_out = if self.swiglu { 2 * hidden } else { hidden };
-        let blocks = (0..self.depth)
-            .map(|_| Block {
-                norm1: norm(),
-                attn: Attention {
-                    qkv: linear(d, 3 * d, device),
-                    proj: linear(d, d, device),
-                    lora_q: None,
-                    lora_k: None,
-                    lora_v: None,
-                    lora_proj: None,
-                    num_heads: self.num_heads,
-                },
-                ls1: layer_scale(),
-                norm2: norm(),
-                mlp: Mlp {
-                    fc1: linear(d, fc1_out, device),
-                    fc2: linear(hidden, d, device),
-                    lora_fc1: None,
-                    lora_fc2: None,
-                    swiglu: self.swiglu,
-                },
-                ls2: layer_scale(),
-                convpass_attn: None,
-                convpass_mlp: None,
-            })
-            .collect();
+        let blocks =
+            (0..self.depth).map(|_| Block::new(d, self.num_heads, hidden, self.swiglu, self.layer_scale, self.norm_eps, device)).collect();
         Vit {
             patch_embed: PatchEmbed {
                 proj: Conv2dConfig::new([3, d], [self.patch_size, self.patch_size])
@@ -394,6 +394,25 @@ impl Vit {
             None => x,
         };
         (x, (rows, cols))
+    }
+
+    /// MAE's encoder pass: only the visible patches go through the blocks. `keep` `[B, K]`
+    /// holds each image's visible patch indices (the same count K for every image). Returns
+    /// `[B, 1 + R + K, D]` after the final norm: CLS, registers, then the visible patches in
+    /// the order given.
+    pub fn forward_visible(&self, images: Tensor<4>, keep: Tensor<2, Int>) -> Tensor<3> {
+        let (x, grid) = self.embed_tokens(images, None);
+        let [b, _, d] = x.dims();
+        let [_, k] = keep.dims();
+        let prefix = 1 + self.config.num_registers;
+        let index = keep.add_scalar(prefix as i64).unsqueeze_dim::<3>(2).expand([b, k, d]);
+        let visible = x.clone().gather(1, index);
+        let mut x = Tensor::cat(vec![x.narrow(1, 0, prefix), visible], 1);
+        let layout = TokenLayout { prefix, grid };
+        for block in &self.blocks {
+            x = block.forward(x, false, layout, None).0;
+        }
+        self.norm.forward(x)
     }
 
     /// `[B, 3, H, W]` (ImageNet-normalised, H and W multiples of the patch size) → CLS, patch

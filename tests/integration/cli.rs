@@ -102,7 +102,9 @@ fn attention_writes_a_heatmap_overlay() {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("imgs");
     generate_image_folder(&images, 1, 64, 3).unwrap();
-    let weights = tiny_weights(dir.path());
+    // The shipped source backbone: its attention has structure (a random ViT's is nearly flat,
+    // and the arg-max of a flat map is noise).
+    let weights = explora::checkpoint::builtin::SOURCE_TINY.to_string();
     let png = dir.path().join("maps").join("roofs.png");
     let image = images.join("roofs").join("roofs_0.png");
     let out = explora(&[
@@ -122,9 +124,10 @@ fn attention_writes_a_heatmap_overlay() {
     let overlay = image::open(&png).unwrap().to_rgb8();
     assert_eq!(overlay.dimensions(), (64, 64));
 
-    // The hottest region of the written overlay is the patch the CLS token attends to most.
-    // The map in-process (same weights, image and head) gives the arg-max patch; the heat of
-    // each pixel is recovered from the PNG by undoing the blend over the image as shown.
+    // The written overlay's heat follows the attention map: the map in-process (same weights,
+    // image and head) against the heat of each patch, recovered from the PNG by undoing the
+    // blend over the image as shown. (Bilinear upsampling mixes neighbouring patches, so the
+    // check is a correlation and the hottest drawn patch being among the most attended.)
     let device = device();
     let (model, _) = explora::checkpoint::load_backbone(Path::new(&weights), &device).unwrap();
     let pre = explora::data::Preprocess::new(64);
@@ -132,7 +135,6 @@ fn attention_writes_a_heatmap_overlay() {
     let shown = pre.apply(&picture);
     let x = explora::inspect::images_tensor(pre.to_tensor_data(&picture), 1, 64, &device);
     let map = explora::inspect::cls_attention(&model, x, 3, Some(1)).unwrap();
-    let argmax = map.values.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
     let (alpha, patch) = (0.55f32, 64 / map.cols as u32);
     let mut heat = vec![0f32; map.values.len()];
     for (x, y, p) in overlay.enumerate_pixels() {
@@ -145,8 +147,20 @@ fn attention_writes_a_heatmap_overlay() {
             .sum();
         heat[(y / patch) as usize * map.cols + (x / patch) as usize] += lum;
     }
+    let pearson = |a: &[f32], b: &[f32]| {
+        let (ma, mb) = (a.iter().sum::<f32>() / a.len() as f32, b.iter().sum::<f32>() / b.len() as f32);
+        let cov: f32 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+        let (va, vb): (f32, f32) = (a.iter().map(|x| (x - ma).powi(2)).sum(), b.iter().map(|y| (y - mb).powi(2)).sum());
+        cov / (va * vb).sqrt()
+    };
+    let r = pearson(&heat, &map.values);
+    eprintln!("drawn heat vs attention: correlation {r:.3}");
+    assert!(r > 0.8, "drawn heat vs attention: correlation {r}; map {:?}", map.values);
     let hottest = heat.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-    assert_eq!(hottest, argmax, "hottest drawn patch {hottest} vs arg-max attention patch {argmax}; map {:?}", map.values);
+    let mut ranked = map.values.clone();
+    ranked.sort_by(|a, b| b.total_cmp(a));
+    let top_tenth = ranked[ranked.len() / 10];
+    assert!(map.values[hottest] >= top_tenth, "the hottest drawn patch {hottest} is not among the most attended; map {:?}", map.values);
 }
 
 #[test]

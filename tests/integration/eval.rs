@@ -46,6 +46,28 @@ fn run(config: &PipelineConfig, out: &Path) -> (explora::recipes::pipeline::Pipe
     (summary, logs)
 }
 
+/// A tiny ViT with weights drawn from a seeded N(0, 0.02) (norms, LayerScale and biases as
+/// initialised), so that the "no pre-training" baseline is the same in every run.
+fn seeded_random_tiny(seed: u64) -> explora::model::Vit {
+    use burn::tensor::{Tensor, TensorData};
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::Xoshiro256PlusPlus::seed_from_u64(seed);
+    explora::model::params::map_params(explora::model::VitConfig::tiny().init(&device()), |path, t| {
+        if path.contains("norm") || path.contains("ls") || path.ends_with("bias") || path.contains("mask_token") {
+            return None;
+        }
+        let n = t.dims()[0];
+        // Box–Muller from two uniforms.
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+                (0.02 * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            })
+            .collect();
+        Some(Tensor::from_data(TensorData::new(values, [n]), &t.device()))
+    })
+}
+
 fn non_blank(path: &Path) -> bool {
     let img = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8();
     let first = *img.get_pixel(0, 0);
@@ -74,9 +96,9 @@ fn pipeline_compares_source_and_explora_and_reuses_its_work() {
     // the same number).
     // On the shifted target domain (colour says little there) with 300 tiles, so that the
     // test split (60 tiles) can tell them apart; measured on the CPU backend: k-NN 0.52 vs 0.42,
-    // linear probe 0.57 vs 0.50 (one test tile is 0.017).
+    // linear probe 0.57 vs 0.40 (one test tile is 0.017; the random weights are seeded).
     let random_weights = dir.path().join("random.safetensors");
-    explora::checkpoint::save_backbone(&explora::model::VitConfig::tiny().init(&device()), &random_weights).unwrap();
+    explora::checkpoint::save_backbone(&seeded_random_tiny(7), &random_weights).unwrap();
     let mut target = tiny_pipeline();
     target.data.procedural_shift = explora::data::Shift::Target;
     target.data.procedural_per_class = 60;
@@ -93,7 +115,7 @@ fn pipeline_compares_source_and_explora_and_reuses_its_work() {
         };
         let (shipped, untrained) = (top1(&shipped), top1(&random));
         eprintln!("{method}: source backbone {shipped} vs random init {untrained}");
-        let margin = if method == "knn" { 0.05 } else { 0.0 };
+        let margin = if method == "knn" { 0.05 } else { 0.1 };
         assert!(shipped > untrained + margin, "{method}: source backbone {shipped} vs random init {untrained}");
     }
     for r in &summary.rows {
