@@ -18,7 +18,9 @@ pub use multicrop::{
     build_batch, contact_sheet, masked_crops, max_masked, train_view,
 };
 pub use preprocess::{Preprocess, denormalize_chw_to_rgb, load_batch, normalize_chw};
-pub use procedural::{ProceduralDomain, SceneClass, Shift, generate_image_folder, generate_shifted_image_folder, generate_tile};
+pub use procedural::{
+    ProceduralDomain, SceneClass, Shift, ensure_shifted_image_folder, generate_image_folder, generate_shifted_image_folder, generate_tile,
+};
 
 /// Per-channel (RGB) mean used to normalise inputs, as in ImageNet-pretrained models.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];

@@ -805,6 +805,18 @@ pub fn generate_shifted_image_folder(dir: &Path, per_class: usize, size: u32, se
     ImageList::scan(dir)
 }
 
+/// [`generate_shifted_image_folder`] once per folder: a `.complete` marker written after the
+/// last tile makes a later call (a resumed run, a repeated pipeline) reuse the tiles, and a
+/// folder cut short by a crash is generated again.
+pub fn ensure_shifted_image_folder(dir: &Path, per_class: usize, size: u32, seed: u64, shift: Shift) -> Result<(), DataError> {
+    let marker = dir.join(".complete");
+    if !marker.exists() {
+        generate_shifted_image_folder(dir, per_class, size, seed, shift)?;
+        std::fs::write(&marker, "").map_err(|e| DataError::io(&marker, e))?;
+    }
+    Ok(())
+}
+
 /// Which sensors a procedural tile is seen through. `Source` is the domain as drawn: one
 /// sensor, true colours. `Target` is the shift the default run adapts to, the kind satellite
 /// users meet when they pool imagery from many sensors and seasons: every tile comes from its

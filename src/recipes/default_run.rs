@@ -59,7 +59,7 @@ pub fn run(job: &DefaultRun, device: &Device, ctx: &mut JobContext) -> anyhow::R
     let RunOutcome { pretrain: summary, evaluation } = pretrain_then_evaluate(&pre, device, ctx)?;
     let out = job.out.display();
     let (false, Some(evaluation)) = (summary.stopped_early, evaluation) else {
-        return Ok(format!("stopped after step {}; continue with `explora --no-gui resume {out}`", summary.steps_done));
+        return Ok(super::run::stopped_message(&summary, &job.out));
     };
 
     ctx.phase(crate::engine::Phase::step("attention maps before/after"), Some(SceneClass::ALL.len() as u64));

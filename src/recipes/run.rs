@@ -9,7 +9,7 @@ use burn::tensor::Device;
 
 use super::pipeline::{PipelineSummary, evaluate_run};
 use crate::checkpoint::{load_backbone, load_backbone_with};
-use crate::data::generate_shifted_image_folder;
+use crate::data::ensure_shifted_image_folder;
 use crate::engine::{AttentionRequest, AttentionView, JobContext, Phase};
 use crate::train::{PretrainConfig, PretrainJob, PretrainSummary, pretrain};
 
@@ -52,18 +52,16 @@ pub fn labelled_set(config: &PretrainConfig, run: &Path, ctx: &mut JobContext) -
         return Ok(folder.clone());
     }
     let tiles = run.join("target-tiles");
-    if !tiles.join(".complete").exists() {
-        ctx.phase(Phase::step("generating labelled tiles"), None);
-        generate_shifted_image_folder(
-            &tiles,
-            config.evaluate.tiles_per_class,
-            config.data.procedural_size,
-            config.run.seed ^ 0x7E57,
-            config.data.procedural_shift,
-        )?;
-        std::fs::write(tiles.join(".complete"), "")?;
-    }
+    ctx.phase(Phase::step("preparing the labelled tiles"), None);
+    let (e, d) = (&config.evaluate, &config.data);
+    ensure_shifted_image_folder(&tiles, e.tiles_per_class, d.procedural_size, config.run.seed ^ 0x7E57, d.procedural_shift)?;
     Ok(tiles)
+}
+
+/// What a run stopped before its last step says: where it stopped and the command that
+/// continues it.
+pub fn stopped_message(summary: &PretrainSummary, out: &Path) -> String {
+    format!("stopped after step {}; continue with `explora --no-gui resume {}`", summary.steps_done, out.display())
 }
 
 /// The job both faces start for a pre-training run; its text is the run's closing summary.
@@ -71,11 +69,7 @@ pub fn run(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> anyhow::
     let outcome = pretrain_then_evaluate(job, device, ctx)?;
     let s = &outcome.pretrain;
     let out = job.out.display();
-    let what = if s.stopped_early {
-        format!("stopped after step {}; continue with `explora --no-gui resume {out}`", s.steps_done)
-    } else {
-        format!("pre-trained {} steps", s.steps_done)
-    };
+    let what = if s.stopped_early { stopped_message(s, &job.out) } else { format!("pre-trained {} steps", s.steps_done) };
     let knn = match (s.knn_before, s.knn_after) {
         (Some(b), Some(a)) => format!("; k-NN monitor top-1 {:.1}% → {:.1}%", 100.0 * b, 100.0 * a),
         (None, Some(a)) => format!("; k-NN monitor top-1 {:.1}%", 100.0 * a),

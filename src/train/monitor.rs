@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
 
 use crate::data::{ImageList, Preprocess, ProceduralDomain, decode_rgb};
-use crate::inspect::{KnnConfig, leave_one_out_scores, top1};
+use crate::inspect::{KnnConfig, images_tensor, leave_one_out_scores, top1};
 use crate::model::{ForwardOptions, Vit, to_vec};
 
 /// A labelled set held in memory, preprocessed once.
@@ -62,7 +62,7 @@ impl KnnSet {
         let mut dim = 0;
         for chunk in self.images.chunks(batch.max(1)) {
             let data: Vec<f32> = chunk.iter().flatten().copied().collect();
-            let x = Tensor::<4>::from_data(TensorData::new(data, [chunk.len(), 3, s, s]), device);
+            let x = images_tensor(data, chunk.len(), s, device);
             let cls = model.forward(x, ForwardOptions::default()).cls;
             dim = cls.dims()[1];
             features.extend(to_vec(cls));

@@ -428,8 +428,7 @@ fn answer_attention(
 ) -> anyhow::Result<AttentionView> {
     if source.is_none() {
         let path = config.model.weights.as_ref().context("the run has no source weights")?;
-        let arch = config.model.arch.as_deref().and_then(VitConfig::preset);
-        *source = Some(load_backbone_with(path, arch, device)?.0);
+        *source = Some(load_backbone_with(path, config.arch_preset()?, device)?.0);
     }
     let source = source.as_ref().expect("loaded above");
     crate::inspect::attention::before_after(request, config.crops.global_size, source, &student.clone().valid(), step, device)

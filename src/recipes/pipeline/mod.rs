@@ -18,7 +18,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{load_backbone, load_backbone_with, save_backbone};
-use crate::data::{LabelledSet, Preprocess, Split, Splits, generate_shifted_image_folder};
+use crate::data::{LabelledSet, Preprocess, Split, Splits, ensure_shifted_image_folder};
 use crate::engine::JobContext;
 use crate::eval::embed::{Features, cached};
 use crate::eval::finetune::{FinetuneConfig, finetune};
@@ -348,16 +348,8 @@ fn run_comparison(
         Some(p) => p.clone(),
         None => {
             let dir = out.join("data");
-            if !dir.join(".complete").exists() {
-                generate_shifted_image_folder(
-                    &dir,
-                    config.data.procedural_per_class,
-                    config.data.procedural_size,
-                    seed,
-                    config.data.procedural_shift,
-                )?;
-                std::fs::write(dir.join(".complete"), "")?;
-            }
+            let d = &config.data;
+            ensure_shifted_image_folder(&dir, d.procedural_per_class, d.procedural_size, seed, d.procedural_shift)?;
             dir
         }
     };
