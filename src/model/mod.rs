@@ -16,4 +16,4 @@ pub use lora::Lora;
 pub use memory::{MemoryTask, memory_mask};
 pub use params::to_vec;
 pub use pos_embed::bicubic_weights;
-pub use vit::{Block, ForwardOptions, LayerMemory, TokenLayout, Vit, VitOutput};
+pub use vit::{Block, ForwardOptions, LayerMemory, TokenLayout, Vit, VitOutput, init_linear};

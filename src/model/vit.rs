@@ -22,7 +22,18 @@ use super::pos_embed::bicubic_weights;
 const INIT_STD: f64 = 0.02;
 
 fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out).with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD }).init(device)
+    init_linear(d_in, d_out, Initializer::Normal { mean: 0.0, std: INIT_STD }, device)
+}
+
+/// A linear layer whose weight is drawn from `init` and whose bias starts at zero, as the
+/// reference code initialises them (timm, DINOv2, MAE). burn's `LinearConfig::init` draws the
+/// bias from the same initializer; in a DINO head a N(0, 0.02) bias outweighs the signal of
+/// the small weights, so every image got nearly the same head output and the DINO and iBOT
+/// losses stayed at ln K.
+pub fn init_linear(d_in: usize, d_out: usize, init: Initializer, device: &Device) -> Linear {
+    let mut layer = LinearConfig::new(d_in, d_out).with_initializer(init).init(device);
+    layer.bias = layer.bias.map(|_| Initializer::Zeros.init([d_out], device));
+    layer
 }
 
 /// Non-overlapping patches → tokens: a `patch × patch` convolution with stride `patch`.

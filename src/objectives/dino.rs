@@ -183,3 +183,64 @@ pub fn ema_update(teacher: DinoModel, student: &DinoModel, momentum: f64) -> Din
     let source = trainable_params(student);
     map_params(teacher, |name, t| source.get(name).map(|s| t.mul_scalar(momentum) + s.clone().mul_scalar(1.0 - momentum)))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use burn::tensor::{Distribution, TensorData};
+
+    use super::*;
+    use crate::model::params::accumulate_grads;
+    use crate::model::{VitConfig, to_vec};
+    use crate::optim::{AdamW, UpdateRule, clip_by_global_norm};
+
+    #[test]
+    fn the_student_learns_to_predict_a_fixed_teacher() {
+        // Sinkhorn-Knopp targets of a fixed teacher (the student's own start), cross-view.
+        let device = Device::flex();
+        let ad = device.clone().autodiff();
+        ad.seed(1);
+        let vit = VitConfig::preset("tiny").unwrap();
+        let mut student = DinoModel::new(vit.init(&ad), &HeadConfig { layers: 3, hidden: 128, bottleneck: 32, prototypes: 16 });
+        let teacher = student.valid();
+        let (b, s) = (8, 32);
+        let n = (s / vit.patch_size) * (s / vit.patch_size);
+        // Both global "crops" of an image are the image itself: the student can learn to predict
+        // the teacher's assignment of the other view.
+        // Distinct images: a colour of their own plus a little noise.
+        let colours = Tensor::<4>::random([b, 3, 1, 1], Distribution::Normal(0.0, 1.5), &ad);
+        let images = Tensor::<4>::random([b, 3, s, s], Distribution::Normal(0.0, 0.3), &ad) + colours.expand([b, 3, s, s]);
+        let globals = Tensor::cat(vec![images.clone(), images], 0);
+        let masks = vec![false; 2 * b * n];
+        let inputs = StepInputs {
+            globals,
+            locals: None,
+            masks: Tensor::<2>::from_data(TensorData::new(vec![0f32; 2 * b * n], [2 * b, n]), &ad).greater_elem(0.5),
+            masked: MaskedPatches::new(&masks, n, 1, &ad),
+            batch: b,
+            global_crops: 2,
+            local_crops: 0,
+        };
+        let config = LossConfig { ibot_weight: 0.0, koleo_weight: 0.0, centering: Centering::SinkhornKnopp, ..Default::default() };
+        let centers = Centers::zeros(16, &device);
+        let mut optim = AdamW::new([0.9, 0.999], 1e-8);
+        let mut losses = Vec::new();
+        for _ in 0..60 {
+            let (loss, _) = step_loss(&student, &teacher.clone().train(), &inputs, &centers, &config, 0.04);
+            losses.push(to_vec(loss.dino.clone().inner())[0]);
+            let backward = loss.total.backward();
+            let mut grads = HashMap::new();
+            accumulate_grads(&student, &backward, &mut grads);
+            let (_, scale) = clip_by_global_norm(&grads, 3.0, &device);
+            let rule =
+                UpdateRule { lr: 1e-3, weight_decay: 0.0, layer_decay: 1.0, depth: 4, freeze_prototypes: false, freeze_backbone: false };
+            student = optim.step(student, &grads, &scale, rule);
+        }
+        // The SK targets are balanced over the prototypes while the fresh student prefers a few,
+        // so it starts above ln K; learning brings it below ln K (a student that gave up and
+        // predicted uniformly would sit at ln K).
+        let ln_k = 16f32.ln();
+        assert!(losses[0] > ln_k && losses[59] < ln_k - 0.1, "ln K = {ln_k}: {losses:?}");
+    }
+}

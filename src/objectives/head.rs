@@ -2,7 +2,7 @@
 //! normalisation, then a weight-normalised linear layer onto the prototypes.
 
 use burn::module::{Module, Param};
-use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::nn::{Initializer, Linear};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
@@ -27,7 +27,8 @@ impl Default for HeadConfig {
 impl HeadConfig {
     pub fn init(&self, embed_dim: usize, device: &Device) -> DinoHead {
         let init = Initializer::Normal { mean: 0.0, std: 0.02 };
-        let linear = |i: usize, o: usize| LinearConfig::new(i, o).with_initializer(init.clone()).init(device);
+        // Weights N(0, 0.02) and zero biases, as DINOv2's DINOHead.
+        let linear = |i: usize, o: usize| crate::model::init_linear(i, o, init.clone(), device);
         let mut mlp = Vec::new();
         if self.layers == 1 {
             mlp.push(linear(embed_dim, self.bottleneck));
@@ -80,5 +81,38 @@ impl DinoHead {
         }
         let h = l2_normalize(h, 1);
         h.matmul(l2_normalize(self.prototypes.val(), 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, Tensor};
+
+    #[test]
+    fn a_fresh_head_keeps_images_apart() {
+        // DINOv2 initialises the head's biases at zero. With burn's default (the bias drawn
+        // like the weights, N(0, 0.02)) the bias outweighs the signal and every image's
+        // bottleneck points the same way (mean cosine ≈ 0.9), so the teacher's targets carry
+        // nothing about the image.
+        let device = burn::tensor::Device::flex();
+        device.seed(3);
+        let head = HeadConfig { layers: 3, hidden: 256, bottleneck: 64, prototypes: 32 }.init(192, &device);
+        let x = Tensor::<2>::random([16, 192], Distribution::Normal(0.0, 1.0), &device);
+        let mut h = x;
+        let last = head.mlp.len() - 1;
+        for (i, layer) in head.mlp.iter().enumerate() {
+            h = layer.forward(h);
+            if i < last {
+                h = gelu(h);
+            }
+        }
+        let h = l2_normalize(h, 1);
+        let cos = crate::model::to_vec(h.clone().matmul(h.transpose()).reshape([256]));
+        let off: Vec<f32> =
+            (0..16).flat_map(|i| (0..16).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| cos[i * 16 + j]).collect();
+        let mean = off.iter().sum::<f32>() / off.len() as f32;
+        assert!(mean < 0.5, "mean cosine between different images' bottlenecks: {mean}");
+        assert!(head.mlp.iter().all(|l| crate::model::to_vec(l.bias.as_ref().unwrap().val()).iter().all(|&b| b == 0.0)));
     }
 }
