@@ -256,6 +256,12 @@ pub struct PretrainArgs {
     /// Architecture preset (inferred from the checkpoint when omitted).
     #[arg(long)]
     pub arch: Option<String>,
+    /// Self-supervised objective: dinov2 (DINO + iBOT + KoLeo, EMA teacher) or mae (masked-patch
+    /// reconstruction; MAE backbones need it, DINOv2 backbones may use it with a fresh decoder).
+    /// MAE defaults: mask ratio 0.75, normalised-pixel loss, AdamW betas (0.9, 0.95), no weight
+    /// decay; the `[mae]` section of the config sets the rest.
+    #[arg(long, value_enum)]
+    pub objective: Option<crate::train::config::Objective>,
     /// Folder of unlabelled domain images (any tree; class folders are ignored). Without it,
     /// procedural satellite-like tiles.
     #[arg(long)]

@@ -42,7 +42,7 @@ impl TrainState {
             step: 0,
             student,
             teacher,
-            optim: AdamW::new(config.optim.betas, config.optim.eps),
+            optim: AdamW::new(config.betas(), config.optim.eps),
             centers: Centers::zeros(config.head.prototypes, device),
         }
     }
