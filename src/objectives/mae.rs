@@ -1,16 +1,17 @@
-//! The MAE objective's parts that do not depend on the decoder (issue 15, first step): random
-//! patch masking with an exact count per image (so every image of a batch keeps the same
-//! number of visible patches and shapes stay fixed), patchifying images into per-patch pixel
-//! targets, and the reconstruction loss on the masked patches with per-patch normalised
-//! pixels (`norm_pix_loss`), as in the MAE reference code.
+//! The MAE objective (issue 15): random patch masking with an exact count per image (so every
+//! image of a batch keeps the same number of visible patches and shapes stay fixed),
+//! patchifying images into per-patch pixel targets, the reconstruction loss on the masked
+//! patches with per-patch normalised pixels (`norm_pix_loss`), MAE's light decoder, and
+//! [`MaeModel`] (encoder + decoder) that the pre-training step trains, as in the MAE reference
+//! code.
 
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::rngs::Xoshiro256PlusPlus;
 
-use crate::data::rng::shuffle;
-use crate::model::{Block, TokenLayout};
+use crate::data::rng::{mix64, shuffle};
+use crate::model::{Block, Lora, TokenLayout, Vit};
 
 /// The MAE decoder's shape (the reference defaults: width 512, 8 blocks, 16 heads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +102,96 @@ impl MaeDecoder {
         let x = self.norm.forward(x);
         self.pred.forward(x.narrow(1, 1, n))
     }
+}
+
+impl MaeDecoder {
+    pub fn width(&self) -> usize {
+        self.mask_token.dims()[2]
+    }
+
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Patches per side of the grid the position embeddings are built for.
+    pub fn grid(&self) -> usize {
+        self.grid
+    }
+
+    /// ExPLoRA's treatment of a decoder that came with the checkpoint: LoRA (rank `rank`,
+    /// `alpha`) on Q and V of every block; the LoRA factors and the LayerNorms train, the rest
+    /// (embedding, mask token, block weights, prediction) stays frozen.
+    pub fn adapt(mut self, rank: usize, alpha: f64) -> Self {
+        let device = self.mask_token.val().device();
+        let w = self.width();
+        for block in self.blocks.iter_mut() {
+            block.attn.lora_q = Some(Lora::new(w, w, rank, alpha, 0.0, &device));
+            block.attn.lora_v = Some(Lora::new(w, w, rank, alpha, 0.0, &device));
+        }
+        let group = burn::module::ParamGroup::from_any_regexes(vec![r"\.lora_[qv]\.(a|b)$", r"(^|\.)norm[12]?\.(gamma|beta)$"])
+            .expect("valid patterns");
+        self.no_grad().set_require_grad_group(group, true)
+    }
+}
+
+/// The MAE objective's model: the adapted encoder and the decoder. Parameter paths are
+/// `backbone.*` (as the DINOv2 student's, so the optimizer's layer-wise rules apply) and
+/// `decoder.*`.
+#[derive(Module, Debug)]
+pub struct MaeModel {
+    pub backbone: Vit,
+    pub decoder: MaeDecoder,
+}
+
+impl MaeModel {
+    /// Predicted pixels of every patch `[B, N, p·p·3]` for `images` under `mask`.
+    pub fn forward(&self, images: Tensor<4>, mask: &PatchMask) -> Tensor<3> {
+        let device = images.device();
+        let latent = self.backbone.forward_visible(images, mask.keep_tensor(&device));
+        // The decoder reads CLS and the visible patches; register tokens stay in the encoder.
+        let r = self.backbone.config().num_registers;
+        let latent = if r > 0 {
+            let [_, t, _] = latent.dims();
+            Tensor::cat(vec![latent.clone().narrow(1, 0, 1), latent.narrow(1, 1 + r, t - 1 - r)], 1)
+        } else {
+            latent
+        };
+        self.decoder.forward(latent, mask)
+    }
+
+    /// The reconstruction loss of `images` (ImageNet-normalised, the targets too, as MAE)
+    /// under `mask`, and the prediction.
+    pub fn loss(&self, images: Tensor<4>, mask: &PatchMask, norm_pix: bool) -> (Tensor<1>, Tensor<3>) {
+        let device = images.device();
+        let patch = self.backbone.config().patch_size;
+        let pred = self.forward(images.clone(), mask);
+        (mae_loss(pred.clone(), patchify(images, patch), mask.weights(&device), norm_pix), pred)
+    }
+}
+
+/// The mask of micro-batch `micro` of optimizer step `step` of a run seeded `seed`: a pure
+/// function of the three, so a resumed run draws the masks of the uninterrupted one.
+pub fn step_mask(seed: u64, step: u64, micro: u64, batch: usize, patches: usize, ratio: f64) -> PatchMask {
+    use rand::SeedableRng;
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(mix64(mix64(seed ^ 0x4D41_4500) ^ step.wrapping_mul(0x1_0000) ^ micro));
+    PatchMask::random(batch, patches, ratio, &mut rng)
+}
+
+/// Predictions back in image space (`[B, N, p·p·3]` → `[B, 3, g·p, g·p]`): with `norm_pix`
+/// each predicted patch is un-normalised with its target patch's own mean and variance (what
+/// the loss normalised away), as MAE's visualisation does.
+pub fn reconstruct(pred: Tensor<3>, images: Tensor<4>, patch: usize, norm_pix: bool) -> Tensor<4> {
+    let [b, _, h, w] = images.dims();
+    let pred = if norm_pix {
+        let target = patchify(images, patch);
+        let mean = target.clone().mean_dim(2);
+        let var = target.var(2);
+        pred * var.add_scalar(1e-6).sqrt() + mean
+    } else {
+        pred
+    };
+    let (gh, gw) = (h / patch, w / patch);
+    pred.reshape([b, gh, gw, patch, patch, 3]).permute([0, 5, 1, 3, 2, 4]).reshape([b, 3, h, w])
 }
 
 /// Which patches of each image the encoder sees.

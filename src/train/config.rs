@@ -427,11 +427,14 @@ impl PretrainConfig {
                     ),
                 ));
             }
-            // The tiny test backbone (patch 8) is let through so tests and demos run in seconds.
-            Objective::Mae if vit.patch_size != 14 && vit.patch_size != 16 && vit.name != "tiny" => {
+            // Patch 8 is the tiny test backbones' (tests and demos run in seconds).
+            Objective::Mae if ![8, 14, 16].contains(&vit.patch_size) => {
                 return Err(bad(
                     "objective",
-                    format!("the MAE objective needs a backbone with 14- or 16-pixel patches; {} has {patch}", vit.name),
+                    format!(
+                        "the MAE objective needs a backbone with 14- or 16-pixel patches (8: the tiny test backbones); {} has {patch}",
+                        vit.name
+                    ),
                 ));
             }
             _ => {}
@@ -701,7 +704,7 @@ mod tests {
         c.optim.betas = Some([0.8, 0.9]);
         assert_eq!(c.betas(), [0.8, 0.9]);
 
-        // MAE backbones need the MAE objective; MAE needs 14/16-px patches (or the tiny test ViT).
+        // MAE backbones need the MAE objective; MAE needs 14/16-px patches (8: the tiny test ViTs).
         let mut c = PretrainConfig::default();
         c.crops.global_size = 224;
         c.crops.local_size = 96;
@@ -710,7 +713,7 @@ mod tests {
         assert!(err.reason.contains("mae-vitb16") && err.reason.contains("objective = \"mae\""), "{err}");
         c.objective = Objective::Mae;
         c.check_model(&VitConfig::mae_vitb16()).unwrap();
-        let odd = VitConfig { patch_size: 8, pos_grid: 28, name: "custom".into(), ..VitConfig::mae_vitb16() };
+        let odd = VitConfig { patch_size: 32, pos_grid: 7, name: "custom".into(), ..VitConfig::mae_vitb16() };
         assert_eq!(c.check_model(&odd).unwrap_err().field, "objective");
         c.crops.local_size = 98;
         c.check_model(&VitConfig::dinov2_vits14()).unwrap();

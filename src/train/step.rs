@@ -45,8 +45,9 @@ impl StepValues {
 /// What one optimizer step read back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutcome {
-    /// Mean over the micro-batches of [total, dino, ibot, koleo].
-    pub parts: [f64; 4],
+    /// The loss (`loss`, first) and its parts by name (DINOv2: `dino`, `ibot`, `koleo`), each
+    /// the mean over the micro-batches.
+    pub parts: Vec<(&'static str, f64)>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// `(phase, milliseconds)` when profiling (each phase ends with a device sync).
@@ -56,7 +57,7 @@ pub struct StepOutcome {
 impl StepOutcome {
     /// The first value that is not finite, named ("loss" or "gradient norm").
     pub fn non_finite(&self) -> Option<(&'static str, f64)> {
-        if let Some(bad) = self.parts.iter().find(|v| !v.is_finite()) {
+        if let Some((_, bad)) = self.parts.iter().find(|(_, v)| !v.is_finite()) {
             return Some(("loss", *bad));
         }
         (!self.grad_norm.is_finite()).then_some(("gradient norm", self.grad_norm))
@@ -120,7 +121,8 @@ pub fn optimizer_step(
     let read = to_vec(Tensor::cat(vec![parts, norm], 0));
     state.step += 1;
     let f = |i: usize| f64::from(read[i]);
-    Ok((state, StepOutcome { parts: [f(0), f(1), f(2), f(3)], grad_norm: f(4), timings }))
+    let parts = vec![("loss", f(0)), ("dino", f(1)), ("ibot", f(2)), ("koleo", f(3))];
+    Ok((state, StepOutcome { parts, grad_norm: f(4), timings }))
 }
 
 #[cfg(test)]
