@@ -216,3 +216,41 @@ fn mae_settings_are_checked_with_the_field_named() {
     assert_eq!(config.betas(), [0.9, 0.95]);
     assert!(explora::cli::Cli::try_parse_from(["explora", "pretrain", "--objective", "simclr"]).is_err());
 }
+
+#[test]
+fn the_decoder_of_an_mae_pth_loads_with_its_exact_values_and_trains_under_lora() {
+    let device = device();
+    let fixture = fixtures().join("mae_tiny.pth");
+    // The fixture: MAE's {"model": state_dict} with a decoder of width 32, 1 block (4 heads),
+    // after a width-64 encoder with 8-px patches on a 4×4 grid.
+    let loaded = explora::checkpoint::load_mae_decoder(&fixture, 4, 64, 4, 8, &device).unwrap().expect("the fixture has a decoder");
+    assert_eq!(loaded.config, DecoderConfig { width: 32, depth: 1, heads: 4 });
+    let (raw, _) = explora::checkpoint::read_any(&fixture).unwrap();
+    let raw = explora::checkpoint::strip_wrappers(raw);
+    let as_burn = |key: &str| raw[key].transposed().data;
+    let values = |t: burn::tensor::Tensor<2>| explora::model::to_vec(t);
+    assert_eq!(values(loaded.decoder.pred.weight.val()), as_burn("decoder_pred.weight"));
+    assert_eq!(values(loaded.decoder.embed.weight.val()), as_burn("decoder_embed.weight"));
+    assert_eq!(values(loaded.decoder.blocks[0].attn.qkv.weight.val()), as_burn("decoder_blocks.0.attn.qkv.weight"));
+    assert_eq!(explora::model::to_vec(loaded.decoder.mask_token.val()), raw["mask_token"].data);
+    assert_eq!(explora::model::to_vec(loaded.decoder.norm.gamma.val()), raw["decoder_norm.weight"].data);
+
+    // A run from the .pth (its head count beside it, as for any unpublished width) adapts it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&fixture, dir.path().join("mae_tiny.pth")).unwrap();
+    std::fs::write(dir.path().join("config.json"), r#"{"num_attention_heads": 4}"#).unwrap();
+    let mut config = mae_config(3);
+    config.model.arch = None;
+    config.model.weights = Some(dir.path().join("mae_tiny.pth"));
+    config.mae.decoder_heads = 4;
+    config.mae.decoder_lora_rank = 4;
+    let out = dir.path().join("run");
+    let (result, log) = run_logged(PretrainJob { config, out: out.clone(), resume: false });
+    let summary = result.unwrap();
+    assert!(summary.final_loss.is_some_and(f64::is_finite));
+    assert!(
+        log.iter().any(|l| l.contains("loaded the MAE decoder") && l.contains("width 32, 1 blocks") && l.contains("LoRA r=4")),
+        "{log:#?}"
+    );
+    assert!(out.join("reconstructions.png").exists());
+}
