@@ -166,6 +166,11 @@ pub struct PlanArgs {
     /// Local crops per image, for the activation-memory estimate.
     #[arg(long, default_value_t = 8)]
     pub local_crops: usize,
+    /// The objective the plan trains under (default: the backbone family's own). With mae the
+    /// encoder's mask token stays frozen and the budget lists the MAE decoder beside the
+    /// backbone (a fresh one of the default shape: 512 wide, 8 blocks).
+    #[arg(long, value_enum)]
+    pub objective: Option<crate::train::config::Objective>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -58,6 +58,24 @@ impl DecoderConfig {
     }
 }
 
+impl DecoderConfig {
+    /// Parameters of a fresh decoder after an encoder of width `encoder_width` with
+    /// `patch`-pixel patches (all of them train).
+    pub fn num_params(&self, encoder_width: usize, patch: usize) -> usize {
+        let w = self.width;
+        let out = patch * patch * 3;
+        let block = 2 * w + (3 * w * w + 3 * w) + (w * w + w) + 2 * w + (4 * w * w + 4 * w) + (4 * w * w + w);
+        (encoder_width * w + w) + w + self.depth * block + 2 * w + (w * out + out)
+    }
+
+    /// Trainable parameters of a decoder of this shape loaded from a checkpoint and adapted
+    /// with [`MaeDecoder::adapt`]: LoRA of rank `rank` on Q and V of every block, and the norms.
+    pub fn adapted_params(&self, rank: usize) -> usize {
+        let w = self.width;
+        self.depth * (2 * rank * (w + w) + 4 * w) + 2 * w
+    }
+}
+
 /// MAE's fixed 2-D sine-cosine position embeddings `[(1 + grid²) · dim]` (a zero row for CLS
 /// first): half the channels encode the column, half the row, each as sin/cos pairs at
 /// frequencies 1/10000^(2i/(dim/2)).
@@ -332,6 +350,48 @@ mod tests {
         // norm_pix (unbiased variance, as torch's `var`): the standardised patch (−1, 0, 1) is exact.
         let standard = Tensor::<3>::from_data(TensorData::new(vec![-1.0f32, 0.0, 1.0, -1.0, 0.0, 1.0], [1, 2, 3]), &device);
         assert!(read(mae_loss(standard, target, mask, true)) < 1e-4);
+    }
+
+    #[test]
+    fn decoder_budgets_match_the_modules_and_reconstruct_inverts_patchify() {
+        use crate::model::params::for_each_param;
+        let device = Device::flex();
+        let shape = DecoderConfig { width: 32, depth: 2, heads: 4 };
+        let count = |d: &MaeDecoder| {
+            let mut n = 0;
+            for_each_param(d, |_, t, trainable| n += if trainable { t.dims()[0] } else { 0 });
+            n
+        };
+        let fresh = shape.init(64, 4, 8, &device.clone().autodiff());
+        assert_eq!(count(&fresh), shape.num_params(64, 8));
+        assert_eq!(count(&fresh.adapt(8, 1.0)), shape.adapted_params(8));
+
+        // Patch targets back to images: exact without norm_pix; with it, the normalised target
+        // un-normalises to the image.
+        let images = Tensor::<4>::random([2, 3, 16, 16], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let patches = patchify(images.clone(), 8);
+        let read = |t: Tensor<4>| crate::model::to_vec(t);
+        assert_eq!(read(reconstruct(patches.clone(), images.clone(), 8, false)), read(images.clone()));
+        let mean = patches.clone().mean_dim(2);
+        let var = patches.clone().var(2);
+        let normalised = (patches - mean).div(var.add_scalar(1e-6).sqrt());
+        let back = read(reconstruct(normalised, images.clone(), 8, true));
+        let diff = back.iter().zip(read(images)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-4, "{diff}");
+    }
+
+    #[test]
+    fn register_tokens_stay_in_the_encoder() {
+        let device = Device::flex();
+        let encoder = crate::model::VitConfig { num_registers: 2, ..crate::model::VitConfig::tiny() }.init(&device);
+        let model = MaeModel { backbone: encoder, decoder: DecoderConfig { width: 32, depth: 1, heads: 2 }.init(64, 4, 8, &device) };
+        let images = Tensor::<4>::random([3, 3, 32, 32], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let mask = step_mask(1, 2, 0, 3, 16, 0.75);
+        assert_eq!(mask, step_mask(1, 2, 0, 3, 16, 0.75), "masks are a function of seed, step and micro-batch");
+        assert_ne!(mask, step_mask(1, 3, 0, 3, 16, 0.75));
+        let (loss, pred) = model.loss(images, &mask, true);
+        assert_eq!(pred.dims(), [3, 16, 8 * 8 * 3]);
+        assert!(loss.into_scalar::<f32>().is_finite());
     }
 
     #[derive(Module, Debug)]

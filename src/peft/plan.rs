@@ -613,9 +613,10 @@ impl Budget {
         100.0 * self.trainable as f64 / self.backbone.max(1) as f64
     }
 
-    /// AdamW keeps two f32 moments per trainable parameter.
+    /// AdamW keeps two f32 moments per trainable parameter (the backbone's and the modules'
+    /// beside it).
     pub fn optimizer_state_bytes(&self) -> usize {
-        self.trainable * 2 * 4
+        (self.trainable + self.extra.iter().map(|r| r.params).sum::<usize>()) * 2 * 4
     }
 }
 

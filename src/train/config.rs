@@ -242,6 +242,22 @@ impl MaeSection {
         crate::objectives::mae::DecoderConfig { width: self.decoder_width, depth: self.decoder_depth, heads: self.decoder_heads }
     }
 
+    /// The budget line of a fresh decoder after `vit` (all of it trains), which also names
+    /// what trains when the checkpoint carries a decoder instead.
+    pub fn budget_row(&self, vit: &VitConfig) -> (String, usize) {
+        let d = self.decoder();
+        (
+            format!(
+                "MAE decoder, fresh ({} wide, {} blocks; a decoder in the checkpoint trains LoRA r={} instead: {})",
+                d.width,
+                d.depth,
+                self.decoder_lora_rank,
+                crate::peft::thousands(d.adapted_params(self.decoder_lora_rank))
+            ),
+            d.num_params(vit.embed_dim, vit.patch_size),
+        )
+    }
+
     fn validate(&self) -> Result<(), FieldError> {
         if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {
             return Err(bad("mae.mask_ratio", format!("must be in (0, 1) (MAE: 0.75), got {}", self.mask_ratio)));

@@ -296,6 +296,14 @@ fn the_setup_panel_chooses_the_objective_and_shows_maes_knobs_only_for_mae() {
     assert!(state.problems().is_empty(), "{:?}", state.problems());
     harness.get_by_label("mask ratio");
     harness.get_by_label("decoder width");
+    // The budget lists the fresh decoder beside the backbone (512 wide, 8 blocks by default).
+    let budget = harness.state().state.budget().unwrap();
+    let decoder = explora::objectives::mae::DecoderConfig::default().num_params(64, 8);
+    assert_eq!(budget.extra.len(), 1);
+    assert_eq!(budget.extra[0].params, decoder);
+    open_tab(&mut harness, Tab::Adaptation);
+    harness.get_by_label_contains("beside the backbone: MAE decoder, fresh");
+    open_tab(&mut harness, Tab::Setup);
     harness.get_by_label_contains("DINOv2 (self-distillation").click();
     harness.run_steps(2);
     assert_eq!(harness.state().state.config.objective, explora::train::Objective::Dinov2);
