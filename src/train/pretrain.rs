@@ -1,6 +1,7 @@
 //! The ExPLoRA pre-training job: continues a backbone's self-supervised training (DINOv2 or
-//! MAE, `objective`) on unlabelled domain images under an adaptation plan. Runs on the engine's job thread, reports
-//! through events, writes the run folder:
+//! MAE, `objective`; the per-objective side lives in [`super::objective`]) on unlabelled domain
+//! images under an adaptation plan. Runs on the engine's job thread, reports through events,
+//! writes the run folder:
 //!
 //! - `config.toml` — the full config of the run (what `explora resume` reads back);
 //! - `metrics.jsonl` — one JSON object per step (losses, schedules, img/s, GPU memory, k-NN);
@@ -290,7 +291,8 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
                 let sheet = contact_sheet(crops, Some((&masks, g)));
                 let path = out.join("batch-preview.png");
                 sheet.save(&path).with_context(|| format!("writing {}", path.display()))?;
-                ctx.artifact(format!("augmented crops and iBOT masks, step {}", step + 1), path);
+                let what = if config.objective == Objective::Mae { "augmented views" } else { "augmented crops and iBOT masks" };
+                ctx.artifact(format!("{what}, step {}", step + 1), path);
             }
             Ok(batch)
         })?;
@@ -436,7 +438,7 @@ fn report_text(
          - objective: {}; beside the backbone trains: {}\n\
          - plan: unfrozen blocks {:?}, LoRA rank {} on {} elsewhere; {} trainable of {} ({:.2}%)\n\
          - data: {data}\n\
-         - crops: 2 × {} px global, {} × {} px local; effective batch {}\n\
+         - crops: {}; effective batch {}\n\
          - steps: {} ({} images seen, {:.1} images/s){}\n\
          - final loss: {}\n\
          - k-NN top-1 (CLS of the exported backbone, leave-one-out, k = {}): before {} → after {}\n\
@@ -464,9 +466,12 @@ fn report_text(
         budget.trainable,
         budget.backbone,
         budget.percent(),
-        config.crops.global_size,
-        config.crops.local_crops,
-        config.crops.local_size,
+        match config.objective {
+            Objective::Dinov2 =>
+                format!("2 × {} px global, {} × {} px local", config.crops.global_size, config.crops.local_crops, config.crops.local_size),
+            Objective::Mae =>
+                format!("one {} px view per image, {:.0}% of its patches masked", config.crops.global_size, 100.0 * config.mae.mask_ratio),
+        },
         config.optim.effective_batch(),
         s.steps_done,
         s.images_seen,
