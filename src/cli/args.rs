@@ -52,7 +52,7 @@ pub enum Command {
     /// Write an adapted backbone as a plain checkpoint: apply an adapter file (if given), merge
     /// LoRA into the weights, save in the layout the weights came from (or --layout).
     Export(ExportArgs),
-    /// ExPLoRA extended pre-training (DINOv2 objective) of a backbone on unlabelled domain
+    /// ExPLoRA extended pre-training (DINOv2 or MAE objective) of a backbone on unlabelled domain
     /// images: progress, metrics.jsonl, atomic checkpoints, adapted backbone.
     Pretrain(Box<PretrainArgs>),
     /// Continue a pre-training run from its newest checkpoint, exactly where it stopped.

@@ -95,7 +95,8 @@ pub struct OptimSection {
     /// Fraction of the run's steps during which only the DINO/iBOT head trains and the
     /// backbone (its unfrozen blocks, LoRA and norms) waits: a head that starts from scratch
     /// first learns to read the source features instead of sending random gradients into
-    /// them. 0 = off (the paper's recipe); the built-in run uses 1/3.
+    /// them. 0 = off (the paper's recipe); the built-in run uses 1/3. Under the MAE objective
+    /// the decoder is what warms up first.
     pub head_warmup: f64,
 }
 
