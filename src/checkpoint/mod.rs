@@ -3,6 +3,7 @@
 
 mod adapter;
 pub mod builtin;
+mod decoder;
 mod layout;
 mod load;
 mod raw;
@@ -10,6 +11,7 @@ mod raw;
 use std::path::PathBuf;
 
 pub use adapter::{ADAPTER_FORMAT, load_adapter, save_adapter};
+pub use decoder::{LoadedDecoder, load_mae_decoder, mae_decoder_tensors};
 pub use layout::{Canonical, Layout, canonical_to_hf, detect, strip_wrappers, to_canonical};
 pub use load::{
     EXPLORA_FORMAT, LoadReport, canonical_from_model, infer_config, load_backbone, load_backbone_with, save_backbone, save_backbone_hf,

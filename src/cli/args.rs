@@ -52,7 +52,7 @@ pub enum Command {
     /// Write an adapted backbone as a plain checkpoint: apply an adapter file (if given), merge
     /// LoRA into the weights, save in the layout the weights came from (or --layout).
     Export(ExportArgs),
-    /// ExPLoRA extended pre-training (DINOv2 objective) of a backbone on unlabelled domain
+    /// ExPLoRA extended pre-training (DINOv2 or MAE objective) of a backbone on unlabelled domain
     /// images: progress, metrics.jsonl, atomic checkpoints, adapted backbone.
     Pretrain(Box<PretrainArgs>),
     /// Continue a pre-training run from its newest checkpoint, exactly where it stopped.
@@ -166,6 +166,11 @@ pub struct PlanArgs {
     /// Local crops per image, for the activation-memory estimate.
     #[arg(long, default_value_t = 8)]
     pub local_crops: usize,
+    /// The objective the plan trains under (default: the backbone family's own). With mae the
+    /// encoder's mask token stays frozen and the budget lists the MAE decoder beside the
+    /// backbone (a fresh one of the default shape: 512 wide, 8 blocks).
+    #[arg(long, value_enum)]
+    pub objective: Option<crate::train::config::Objective>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -256,6 +261,12 @@ pub struct PretrainArgs {
     /// Architecture preset (inferred from the checkpoint when omitted).
     #[arg(long)]
     pub arch: Option<String>,
+    /// Self-supervised objective: dinov2 (DINO + iBOT + KoLeo, EMA teacher) or mae (masked-patch
+    /// reconstruction; MAE backbones need it, DINOv2 backbones may use it with a fresh decoder).
+    /// MAE defaults: mask ratio 0.75, normalised-pixel loss, AdamW betas (0.9, 0.95), no weight
+    /// decay; the `[mae]` section of the config sets the rest.
+    #[arg(long, value_enum)]
+    pub objective: Option<crate::train::config::Objective>,
     /// Folder of unlabelled domain images (any tree; class folders are ignored). Without it,
     /// procedural satellite-like tiles.
     #[arg(long)]

@@ -136,6 +136,9 @@ impl AdaptationPanel {
                     }
                 });
                 ui.strong(total_label(state).unwrap_or_default());
+                for extra in &budget.extra {
+                    ui.label(format!("beside the backbone: {}: {} parameters", extra.component, group(extra.params)));
+                }
                 ui.label(format!("backbone: {} parameters", group(budget.backbone)));
                 ui.label(format!(
                     "optimizer state (AdamW, 2 × f32 per trainable parameter): {}",

@@ -9,7 +9,7 @@ use egui::Ui;
 
 use super::state::{AppState, default_out};
 use super::widgets::{error_line, number, ok_line, text_field};
-use crate::train::PretrainConfig;
+use crate::train::{Objective, PretrainConfig};
 
 /// Text fields being edited (applied to the config on change).
 #[derive(Default)]
@@ -98,6 +98,9 @@ impl SetupPanel {
                 super::widgets::group(vit.num_params())
             ));
         }
+
+        ui.separator();
+        self.objective_ui(ui, state);
 
         ui.separator();
         ui.heading("Data");
@@ -221,6 +224,36 @@ impl SetupPanel {
         for p in problems {
             error_line(ui, p);
         }
+    }
+
+    /// The self-supervised objective, and MAE's knobs when it is chosen.
+    fn objective_ui(&mut self, ui: &mut Ui, state: &mut AppState) {
+        ui.heading("Objective");
+        let c = &mut state.config;
+        ui.horizontal(|ui| {
+            ui.radio_value(&mut c.objective, Objective::Dinov2, "DINOv2 (self-distillation: DINO + iBOT + KoLeo, EMA teacher)");
+            ui.radio_value(&mut c.objective, Objective::Mae, "MAE (masked-patch reconstruction with a light decoder)");
+        });
+        if c.objective != Objective::Mae {
+            return;
+        }
+        let m = &mut c.mae;
+        ui.horizontal(|ui| {
+            ui.label("mask ratio");
+            let slider = ui.add(egui::Slider::new(&mut m.mask_ratio, 0.05..=0.95).step_by(0.05).fixed_decimals(2));
+            slider.on_hover_text("fraction of each image's patches hidden from the encoder (MAE: 0.75)");
+            ui.checkbox(&mut m.norm_pix, "normalised-pixel targets");
+        });
+        ui.horizontal(|ui| {
+            number(ui, "decoder width", &mut m.decoder_width, 4..=2048);
+            number(ui, "decoder blocks", &mut m.decoder_depth, 1..=32);
+            number(ui, "decoder heads", &mut m.decoder_heads, 1..=64);
+            number(ui, "decoder LoRA rank", &mut m.decoder_lora_rank, 1..=256);
+        });
+        ui.label(
+            "A decoder in the checkpoint (MAE's *_visualize weights) is loaded and trains LoRA on Q,V; otherwise a fresh decoder of \
+             this shape trains from scratch. AdamW betas (0.9, 0.95), no weight decay unless the config sets them.",
+        );
     }
 
     fn save(&mut self, state: &AppState) -> Result<String, String> {

@@ -1,16 +1,17 @@
-//! The MAE objective's parts that do not depend on the decoder (issue 15, first step): random
-//! patch masking with an exact count per image (so every image of a batch keeps the same
-//! number of visible patches and shapes stay fixed), patchifying images into per-patch pixel
-//! targets, and the reconstruction loss on the masked patches with per-patch normalised
-//! pixels (`norm_pix_loss`), as in the MAE reference code.
+//! The MAE objective (issue 15): random patch masking with an exact count per image (so every
+//! image of a batch keeps the same number of visible patches and shapes stay fixed),
+//! patchifying images into per-patch pixel targets, the reconstruction loss on the masked
+//! patches with per-patch normalised pixels (`norm_pix_loss`), MAE's light decoder, and
+//! [`MaeModel`] (encoder + decoder) that the pre-training step trains, as in the MAE reference
+//! code.
 
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::rngs::Xoshiro256PlusPlus;
 
-use crate::data::rng::shuffle;
-use crate::model::{Block, TokenLayout};
+use crate::data::rng::{mix64, shuffle};
+use crate::model::{Block, Lora, TokenLayout, Vit};
 
 /// The MAE decoder's shape (the reference defaults: width 512, 8 blocks, 16 heads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,24 @@ impl DecoderConfig {
             pred: linear(self.width, patch * patch * 3),
             grid,
         }
+    }
+}
+
+impl DecoderConfig {
+    /// Parameters of a fresh decoder after an encoder of width `encoder_width` with
+    /// `patch`-pixel patches (all of them train).
+    pub fn num_params(&self, encoder_width: usize, patch: usize) -> usize {
+        let w = self.width;
+        let out = patch * patch * 3;
+        let block = 2 * w + (3 * w * w + 3 * w) + (w * w + w) + 2 * w + (4 * w * w + 4 * w) + (4 * w * w + w);
+        (encoder_width * w + w) + w + self.depth * block + 2 * w + (w * out + out)
+    }
+
+    /// Trainable parameters of a decoder of this shape loaded from a checkpoint and adapted
+    /// with [`MaeDecoder::adapt`]: LoRA of rank `rank` on Q and V of every block, and the norms.
+    pub fn adapted_params(&self, rank: usize) -> usize {
+        let w = self.width;
+        self.depth * (2 * rank * (w + w) + 4 * w) + 2 * w
     }
 }
 
@@ -101,6 +120,96 @@ impl MaeDecoder {
         let x = self.norm.forward(x);
         self.pred.forward(x.narrow(1, 1, n))
     }
+}
+
+impl MaeDecoder {
+    pub fn width(&self) -> usize {
+        self.mask_token.dims()[2]
+    }
+
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Patches per side of the grid the position embeddings are built for.
+    pub fn grid(&self) -> usize {
+        self.grid
+    }
+
+    /// ExPLoRA's treatment of a decoder that came with the checkpoint: LoRA (rank `rank`,
+    /// `alpha`) on Q and V of every block; the LoRA factors and the LayerNorms train, the rest
+    /// (embedding, mask token, block weights, prediction) stays frozen.
+    pub fn adapt(mut self, rank: usize, alpha: f64) -> Self {
+        let device = self.mask_token.val().device();
+        let w = self.width();
+        for block in self.blocks.iter_mut() {
+            block.attn.lora_q = Some(Lora::new(w, w, rank, alpha, 0.0, &device));
+            block.attn.lora_v = Some(Lora::new(w, w, rank, alpha, 0.0, &device));
+        }
+        let group = burn::module::ParamGroup::from_any_regexes(vec![r"\.lora_[qv]\.(a|b)$", r"(^|\.)norm[12]?\.(gamma|beta)$"])
+            .expect("valid patterns");
+        self.no_grad().set_require_grad_group(group, true)
+    }
+}
+
+/// The MAE objective's model: the adapted encoder and the decoder. Parameter paths are
+/// `backbone.*` (as the DINOv2 student's, so the optimizer's layer-wise rules apply) and
+/// `decoder.*`.
+#[derive(Module, Debug)]
+pub struct MaeModel {
+    pub backbone: Vit,
+    pub decoder: MaeDecoder,
+}
+
+impl MaeModel {
+    /// Predicted pixels of every patch `[B, N, p·p·3]` for `images` under `mask`.
+    pub fn forward(&self, images: Tensor<4>, mask: &PatchMask) -> Tensor<3> {
+        let device = images.device();
+        let latent = self.backbone.forward_visible(images, mask.keep_tensor(&device));
+        // The decoder reads CLS and the visible patches; register tokens stay in the encoder.
+        let r = self.backbone.config().num_registers;
+        let latent = if r > 0 {
+            let [_, t, _] = latent.dims();
+            Tensor::cat(vec![latent.clone().narrow(1, 0, 1), latent.narrow(1, 1 + r, t - 1 - r)], 1)
+        } else {
+            latent
+        };
+        self.decoder.forward(latent, mask)
+    }
+
+    /// The reconstruction loss of `images` (ImageNet-normalised, the targets too, as MAE)
+    /// under `mask`, and the prediction.
+    pub fn loss(&self, images: Tensor<4>, mask: &PatchMask, norm_pix: bool) -> (Tensor<1>, Tensor<3>) {
+        let device = images.device();
+        let patch = self.backbone.config().patch_size;
+        let pred = self.forward(images.clone(), mask);
+        (mae_loss(pred.clone(), patchify(images, patch), mask.weights(&device), norm_pix), pred)
+    }
+}
+
+/// The mask of micro-batch `micro` of optimizer step `step` of a run seeded `seed`: a pure
+/// function of the three, so a resumed run draws the masks of the uninterrupted one.
+pub fn step_mask(seed: u64, step: u64, micro: u64, batch: usize, patches: usize, ratio: f64) -> PatchMask {
+    use rand::SeedableRng;
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(mix64(mix64(seed ^ 0x4D41_4500) ^ step.wrapping_mul(0x1_0000) ^ micro));
+    PatchMask::random(batch, patches, ratio, &mut rng)
+}
+
+/// Predictions back in image space (`[B, N, p·p·3]` → `[B, 3, g·p, g·p]`): with `norm_pix`
+/// each predicted patch is un-normalised with its target patch's own mean and variance (what
+/// the loss normalised away), as MAE's visualisation does.
+pub fn reconstruct(pred: Tensor<3>, images: Tensor<4>, patch: usize, norm_pix: bool) -> Tensor<4> {
+    let [b, _, h, w] = images.dims();
+    let pred = if norm_pix {
+        let target = patchify(images, patch);
+        let mean = target.clone().mean_dim(2);
+        let var = target.var(2);
+        pred * var.add_scalar(1e-6).sqrt() + mean
+    } else {
+        pred
+    };
+    let (gh, gw) = (h / patch, w / patch);
+    pred.reshape([b, gh, gw, patch, patch, 3]).permute([0, 5, 1, 3, 2, 4]).reshape([b, 3, h, w])
 }
 
 /// Which patches of each image the encoder sees.
@@ -241,6 +350,48 @@ mod tests {
         // norm_pix (unbiased variance, as torch's `var`): the standardised patch (−1, 0, 1) is exact.
         let standard = Tensor::<3>::from_data(TensorData::new(vec![-1.0f32, 0.0, 1.0, -1.0, 0.0, 1.0], [1, 2, 3]), &device);
         assert!(read(mae_loss(standard, target, mask, true)) < 1e-4);
+    }
+
+    #[test]
+    fn decoder_budgets_match_the_modules_and_reconstruct_inverts_patchify() {
+        use crate::model::params::for_each_param;
+        let device = Device::flex();
+        let shape = DecoderConfig { width: 32, depth: 2, heads: 4 };
+        let count = |d: &MaeDecoder| {
+            let mut n = 0;
+            for_each_param(d, |_, t, trainable| n += if trainable { t.dims()[0] } else { 0 });
+            n
+        };
+        let fresh = shape.init(64, 4, 8, &device.clone().autodiff());
+        assert_eq!(count(&fresh), shape.num_params(64, 8));
+        assert_eq!(count(&fresh.adapt(8, 1.0)), shape.adapted_params(8));
+
+        // Patch targets back to images: exact without norm_pix; with it, the normalised target
+        // un-normalises to the image.
+        let images = Tensor::<4>::random([2, 3, 16, 16], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let patches = patchify(images.clone(), 8);
+        let read = |t: Tensor<4>| crate::model::to_vec(t);
+        assert_eq!(read(reconstruct(patches.clone(), images.clone(), 8, false)), read(images.clone()));
+        let mean = patches.clone().mean_dim(2);
+        let var = patches.clone().var(2);
+        let normalised = (patches - mean).div(var.add_scalar(1e-6).sqrt());
+        let back = read(reconstruct(normalised, images.clone(), 8, true));
+        let diff = back.iter().zip(read(images)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-4, "{diff}");
+    }
+
+    #[test]
+    fn register_tokens_stay_in_the_encoder() {
+        let device = Device::flex();
+        let encoder = crate::model::VitConfig { num_registers: 2, ..crate::model::VitConfig::tiny() }.init(&device);
+        let model = MaeModel { backbone: encoder, decoder: DecoderConfig { width: 32, depth: 1, heads: 2 }.init(64, 4, 8, &device) };
+        let images = Tensor::<4>::random([3, 3, 32, 32], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let mask = step_mask(1, 2, 0, 3, 16, 0.75);
+        assert_eq!(mask, step_mask(1, 2, 0, 3, 16, 0.75), "masks are a function of seed, step and micro-batch");
+        assert_ne!(mask, step_mask(1, 3, 0, 3, 16, 0.75));
+        let (loss, pred) = model.loss(images, &mask, true);
+        assert_eq!(pred.dims(), [3, 16, 8 * 8 * 3]);
+        assert!(loss.into_scalar::<f32>().is_finite());
     }
 
     #[derive(Module, Debug)]

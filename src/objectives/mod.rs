@@ -1,5 +1,6 @@
-//! Self-supervised objectives: the DINO/iBOT head and losses, KoLeo, centering (softmax and
-//! Sinkhorn-Knopp) and the EMA teacher of DINOv2, which ExPLoRA continues on a new domain.
+//! Self-supervised objectives, which ExPLoRA continues on a new domain: the DINO/iBOT head and
+//! losses, KoLeo, centering (softmax and Sinkhorn-Knopp) and the EMA teacher of DINOv2; MAE's
+//! masking, decoder and reconstruction loss ([`mae`]).
 
 mod dino;
 mod head;

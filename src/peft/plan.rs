@@ -522,7 +522,7 @@ impl AdaptationPlan {
             rows.push(BudgetRow::new("position embeddings", (1 + config.pos_grid * config.pos_grid) * d));
         }
         let trainable = rows.iter().map(|r| r.params).sum();
-        Budget { rows, trainable, backbone: config.num_params() }
+        Budget { rows, trainable, backbone: config.num_params(), extra: Vec::new() }
     }
 }
 
@@ -597,16 +597,26 @@ pub struct Budget {
     pub trainable: usize,
     /// Parameters of the frozen backbone (LoRA factors excluded).
     pub backbone: usize,
+    /// Modules that train beside the backbone (the DINO/iBOT head, MAE's decoder), with their
+    /// trainable parameters; not counted in `trainable`.
+    pub extra: Vec<BudgetRow>,
 }
 
 impl Budget {
+    /// The budget with one more module training beside the backbone.
+    pub fn with_module(mut self, component: impl Into<String>, params: usize) -> Self {
+        self.extra.push(BudgetRow::new(component, params));
+        self
+    }
+
     pub fn percent(&self) -> f64 {
         100.0 * self.trainable as f64 / self.backbone.max(1) as f64
     }
 
-    /// AdamW keeps two f32 moments per trainable parameter.
+    /// AdamW keeps two f32 moments per trainable parameter (the backbone's and the modules'
+    /// beside it).
     pub fn optimizer_state_bytes(&self) -> usize {
-        self.trainable * 2 * 4
+        (self.trainable + self.extra.iter().map(|r| r.params).sum::<usize>()) * 2 * 4
     }
 }
 

@@ -79,9 +79,10 @@ pub struct OptimSection {
     pub min_lr: f64,
     pub warmup_steps: u64,
     /// Weight decay, cosine from the first to the second value (none on biases, norms and
-    /// LayerScale, as DINOv2).
-    pub weight_decay: [f64; 2],
-    pub betas: [f64; 2],
+    /// LayerScale, as DINOv2). Default: DINOv2's [0.04, 0.4]; MAE's 0 with `objective = "mae"`.
+    pub weight_decay: Option<[f64; 2]>,
+    /// AdamW betas. Default: DINOv2's (0.9, 0.999); MAE's (0.9, 0.95) with `objective = "mae"`.
+    pub betas: Option<[f64; 2]>,
     pub eps: f64,
     /// Global gradient-norm clip (0 = off).
     pub clip_grad: f64,
@@ -94,7 +95,8 @@ pub struct OptimSection {
     /// Fraction of the run's steps during which only the DINO/iBOT head trains and the
     /// backbone (its unfrozen blocks, LoRA and norms) waits: a head that starts from scratch
     /// first learns to read the source features instead of sending random gradients into
-    /// them. 0 = off (the paper's recipe); the built-in run uses 1/3.
+    /// them. 0 = off (the paper's recipe); the built-in run uses 1/3. Under the MAE objective
+    /// the decoder is what warms up first.
     pub head_warmup: f64,
 }
 
@@ -107,8 +109,8 @@ impl Default for OptimSection {
             reference_batch: 1024,
             min_lr: 1e-6,
             warmup_steps: 12_500,
-            weight_decay: [0.04, 0.4],
-            betas: [0.9, 0.999],
+            weight_decay: None,
+            betas: None,
             eps: 1e-8,
             clip_grad: 3.0,
             layer_decay: 0.9,
@@ -180,6 +182,109 @@ impl Default for EvaluateSection {
     }
 }
 
+/// The self-supervised objective that continues the backbone's pre-training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// DINOv2's self-distillation (DINO + iBOT + KoLeo against an EMA teacher); needs a DINOv2
+    /// backbone.
+    #[default]
+    Dinov2,
+    /// MAE's masked-patch reconstruction (encoder on the visible patches, a light decoder
+    /// predicts the pixels of the masked ones); runs on MAE backbones and on DINOv2 ones (with a
+    /// fresh decoder).
+    Mae,
+}
+
+impl Objective {
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Dinov2 => "dinov2",
+            Objective::Mae => "mae",
+        }
+    }
+}
+
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The MAE objective (`objective = "mae"`): masking, the loss target and the decoder. The
+/// decoder comes from the checkpoint when it carries one (MAE's `*_visualize` weights), then
+/// it trains LoRA on Q,V of its blocks plus its norms; otherwise a fresh decoder of this shape
+/// trains fully. Each image is seen once per step as the first global crop, cropped and
+/// flipped only (MAE's augmentation: no colour jitter, blur or solarisation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaeSection {
+    /// Fraction of each image's patches hidden from the encoder, in (0, 1).
+    pub mask_ratio: f64,
+    /// Reconstruct per-patch normalised pixels (MAE's `norm_pix_loss`).
+    pub norm_pix: bool,
+    /// A fresh decoder's width, blocks and heads (MAE's 512, 8, 16).
+    pub decoder_width: usize,
+    pub decoder_depth: usize,
+    pub decoder_heads: usize,
+    /// LoRA rank on Q,V of a decoder loaded from the checkpoint (the paper's 8).
+    pub decoder_lora_rank: usize,
+}
+
+impl Default for MaeSection {
+    fn default() -> Self {
+        Self { mask_ratio: 0.75, norm_pix: true, decoder_width: 512, decoder_depth: 8, decoder_heads: 16, decoder_lora_rank: 8 }
+    }
+}
+
+impl MaeSection {
+    /// The shape of a fresh decoder.
+    pub fn decoder(&self) -> crate::objectives::mae::DecoderConfig {
+        crate::objectives::mae::DecoderConfig { width: self.decoder_width, depth: self.decoder_depth, heads: self.decoder_heads }
+    }
+
+    /// The budget line of a fresh decoder after `vit` (all of it trains), which also names
+    /// what trains when the checkpoint carries a decoder instead.
+    pub fn budget_row(&self, vit: &VitConfig) -> (String, usize) {
+        let d = self.decoder();
+        (
+            format!(
+                "MAE decoder, fresh ({} wide, {} blocks; a decoder in the checkpoint trains LoRA r={} instead: {})",
+                d.width,
+                d.depth,
+                self.decoder_lora_rank,
+                crate::peft::thousands(d.adapted_params(self.decoder_lora_rank))
+            ),
+            d.num_params(vit.embed_dim, vit.patch_size),
+        )
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
+        if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {
+            return Err(bad("mae.mask_ratio", format!("must be in (0, 1) (MAE: 0.75), got {}", self.mask_ratio)));
+        }
+        if self.decoder_depth == 0 {
+            return Err(bad("mae.decoder_depth", "must be at least 1"));
+        }
+        if self.decoder_heads == 0 || !self.decoder_width.is_multiple_of(self.decoder_heads) {
+            return Err(bad(
+                "mae.decoder_width",
+                format!("{} must be a multiple of mae.decoder_heads ({})", self.decoder_width, self.decoder_heads),
+            ));
+        }
+        if self.decoder_width == 0 || !self.decoder_width.is_multiple_of(4) {
+            return Err(bad(
+                "mae.decoder_width",
+                format!("{} must be a positive multiple of 4 (2-D sine-cosine positions)", self.decoder_width),
+            ));
+        }
+        if self.decoder_lora_rank == 0 || self.decoder_lora_rank > self.decoder_width {
+            return Err(bad("mae.decoder_lora_rank", format!("must be in 1..={}", self.decoder_width)));
+        }
+        Ok(())
+    }
+}
+
 /// Length, seed, checkpoints and logging.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -205,6 +310,8 @@ impl Default for RunSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct PretrainConfig {
+    /// `dinov2` (default) or `mae`.
+    pub objective: Objective,
     pub model: ModelSection,
     pub plan: PlanSpec,
     pub data: DataSection,
@@ -212,6 +319,7 @@ pub struct PretrainConfig {
     pub masks: MaskConfig,
     pub head: HeadConfig,
     pub loss: LossConfig,
+    pub mae: MaeSection,
     pub optim: OptimSection,
     pub monitor: MonitorSection,
     pub evaluate: EvaluateSection,
@@ -325,17 +433,57 @@ impl PretrainConfig {
                 return Err(bad(field, format!("{size} is not a multiple of the model's patch size {patch}")));
             }
         }
-        if vit.family == crate::model::Family::Mae {
-            return Err(bad(
-                "model",
-                format!(
-                    "{} is an MAE backbone: ExPLoRA continues a backbone with its own objective, and the MAE objective is \
-                     not implemented yet; pre-training runs the DINOv2 objective on DINOv2 backbones",
-                    vit.name
-                ),
-            ));
+        match self.objective {
+            Objective::Dinov2 if vit.family == crate::model::Family::Mae => {
+                return Err(bad(
+                    "objective",
+                    format!(
+                        "{} is an MAE backbone: ExPLoRA continues a backbone with its own objective; set objective = \"mae\" \
+                         (or --objective mae)",
+                        vit.name
+                    ),
+                ));
+            }
+            // Patch 8 is the tiny test backbones' (tests and demos run in seconds).
+            Objective::Mae if ![8, 14, 16].contains(&vit.patch_size) => {
+                return Err(bad(
+                    "objective",
+                    format!(
+                        "the MAE objective needs a backbone with 14- or 16-pixel patches (8: the tiny test backbones); {} has {patch}",
+                        vit.name
+                    ),
+                ));
+            }
+            _ => {}
         }
         Ok(())
+    }
+
+    /// AdamW betas: `optim.betas`, else the objective's default.
+    pub fn betas(&self) -> [f64; 2] {
+        self.optim.betas.unwrap_or(match self.objective {
+            Objective::Dinov2 => [0.9, 0.999],
+            Objective::Mae => [0.9, 0.95],
+        })
+    }
+
+    /// Weight decay (start, end of the cosine): `optim.weight_decay`, else the objective's default.
+    pub fn weight_decay(&self) -> [f64; 2] {
+        self.optim.weight_decay.unwrap_or(match self.objective {
+            Objective::Dinov2 => [0.04, 0.4],
+            Objective::Mae => [0.0, 0.0],
+        })
+    }
+
+    /// The run's adaptation plan on `vit`: `[plan]` resolved, with the MAE objective's rule
+    /// that the encoder's mask token stays frozen unless asked for (MAE's encoder never sees
+    /// it: masked patches are dropped, not replaced).
+    pub fn resolve_plan(&self, vit: &VitConfig) -> Result<crate::peft::AdaptationPlan, FieldError> {
+        let mut plan = self.plan.resolve(vit)?;
+        if self.objective == Objective::Mae && self.plan.mask_token.is_none() {
+            plan.mask_token = false;
+        }
+        Ok(plan)
     }
 
     /// Makes every path of the config absolute against `base` (the working directory when the
@@ -426,9 +574,13 @@ impl PretrainConfig {
             return Err(bad("loss.sinkhorn_iterations", "must be at least 1"));
         }
         let o = &self.optim;
-        if o.batch < 2 {
+        if o.batch < 2 && self.objective == Objective::Dinov2 {
             return Err(bad("optim.batch", "must be at least 2 (KoLeo needs a neighbour in the batch)"));
         }
+        if o.batch == 0 {
+            return Err(bad("optim.batch", "must be at least 1"));
+        }
+        self.mae.validate()?;
         if o.accumulation == 0 {
             return Err(bad("optim.accumulation", "must be at least 1"));
         }
@@ -441,10 +593,10 @@ impl PretrainConfig {
         if !(o.min_lr >= 0.0 && o.min_lr <= o.peak_lr()) {
             return Err(bad("optim.min_lr", format!("must be in [0, peak lr {:.3e}]", o.peak_lr())));
         }
-        if o.weight_decay.iter().any(|w| !(*w >= 0.0)) {
+        if self.weight_decay().iter().any(|w| !(*w >= 0.0)) {
             return Err(bad("optim.weight_decay", "must be ≥ 0"));
         }
-        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+        if self.betas().iter().any(|b| !(0.0..1.0).contains(b)) {
             return Err(bad("optim.betas", "must be in [0, 1)"));
         }
         if !(o.eps > 0.0) {
@@ -532,6 +684,63 @@ mod tests {
         let mut c = PretrainConfig::builtin();
         c.optim.batch = 1;
         assert_eq!(c.validate().unwrap_err().field, "optim.batch");
+    }
+
+    #[test]
+    fn the_objective_reads_from_toml_and_mae_errors_name_the_field() {
+        let c: PretrainConfig = toml::from_str("objective = \"mae\"\n[model]\narch = \"tiny\"\n[mae]\nmask_ratio = 0.6\n").unwrap();
+        assert_eq!(c.objective, Objective::Mae);
+        assert_eq!(c.mae.mask_ratio, 0.6);
+        assert_eq!(c.mae.decoder_width, 512);
+        c.validate().unwrap();
+        let back: PretrainConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(PretrainConfig::default().objective, Objective::Dinov2);
+        let wrong = toml::from_str::<PretrainConfig>("objective = \"simclr\"\n").unwrap_err().to_string();
+        assert!(wrong.contains("simclr"), "{wrong}");
+
+        for (edit, field) in [
+            ((|c: &mut PretrainConfig| c.mae.mask_ratio = 1.0) as fn(&mut PretrainConfig), "mae.mask_ratio"),
+            (|c| c.mae.mask_ratio = 0.0, "mae.mask_ratio"),
+            (|c| c.mae.decoder_width = 500, "mae.decoder_width"),
+            (|c| c.mae.decoder_depth = 0, "mae.decoder_depth"),
+            (|c| c.mae.decoder_lora_rank = 0, "mae.decoder_lora_rank"),
+        ] {
+            let mut c = c.clone();
+            edit(&mut c);
+            assert_eq!(c.validate().unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn objectives_pick_their_optimizer_defaults_and_backbones() {
+        let mut c = PretrainConfig::default();
+        assert_eq!((c.betas(), c.weight_decay()), ([0.9, 0.999], [0.04, 0.4]));
+        c.objective = Objective::Mae;
+        assert_eq!((c.betas(), c.weight_decay()), ([0.9, 0.95], [0.0, 0.0]));
+        c.optim.betas = Some([0.8, 0.9]);
+        assert_eq!(c.betas(), [0.8, 0.9]);
+
+        // MAE backbones need the MAE objective; MAE needs 14/16-px patches (8: the tiny test ViTs).
+        let mut c = PretrainConfig::default();
+        c.crops.global_size = 224;
+        c.crops.local_size = 96;
+        let err = c.check_model(&VitConfig::mae_vitb16()).unwrap_err();
+        assert_eq!(err.field, "objective");
+        assert!(err.reason.contains("mae-vitb16") && err.reason.contains("objective = \"mae\""), "{err}");
+        c.objective = Objective::Mae;
+        c.check_model(&VitConfig::mae_vitb16()).unwrap();
+        let odd = VitConfig { patch_size: 32, pos_grid: 7, name: "custom".into(), ..VitConfig::mae_vitb16() };
+        assert_eq!(c.check_model(&odd).unwrap_err().field, "objective");
+        c.crops.local_size = 98;
+        c.check_model(&VitConfig::dinov2_vits14()).unwrap();
+
+        // The MAE objective leaves the encoder's mask token frozen unless asked for.
+        let vits = VitConfig::dinov2_vits14();
+        assert!(PretrainConfig::default().resolve_plan(&vits).unwrap().mask_token);
+        assert!(!c.resolve_plan(&vits).unwrap().mask_token);
+        c.plan.mask_token = Some(true);
+        assert!(c.resolve_plan(&vits).unwrap().mask_token);
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! and the ExPLoRA pre-training job that the CLI and the app start through the engine.
 
 pub mod config;
+pub mod mae_step;
 pub mod monitor;
+pub mod objective;
 pub mod pretrain;
 pub mod state;
 pub mod step;
 
-pub use config::PretrainConfig;
+pub use config::{Objective, PretrainConfig};
 pub use pretrain::{PretrainJob, PretrainSummary, pretrain};

@@ -1,14 +1,15 @@
-//! The ExPLoRA pre-training job: continues a backbone's DINOv2 self-supervised training on
-//! unlabelled domain images under an adaptation plan. Runs on the engine's job thread, reports
-//! through events, writes the run folder:
+//! The ExPLoRA pre-training job: continues a backbone's self-supervised training (DINOv2 or
+//! MAE, `objective`; the per-objective side lives in [`super::objective`]) on unlabelled domain
+//! images under an adaptation plan. Runs on the engine's job thread, reports through events,
+//! writes the run folder:
 //!
 //! - `config.toml` — the full config of the run (what `explora resume` reads back);
 //! - `metrics.jsonl` — one JSON object per step (losses, schedules, img/s, GPU memory, k-NN);
 //! - `checkpoints/step-NNNNNNN.safetensors` — atomic, the newest `keep_checkpoints` kept;
-//! - `backbone.safetensors` — the teacher with LoRA merged (explora format: `explora embed
-//!   --weights` and the evaluation commands read it), `adapter.safetensors` — the teacher's
-//!   trained tensors only (apply onto the base checkpoint);
-//! - `batch-preview.png`, `report.md`.
+//! - `backbone.safetensors` — the teacher (MAE: the encoder) with LoRA merged (explora format:
+//!   `explora embed --weights` and the evaluation commands read it), `adapter.safetensors` —
+//!   its trained tensors only (apply onto the base checkpoint);
+//! - `batch-preview.png`, `report.md`; MAE runs also `reconstructions.png`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,19 +18,19 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 
-use super::config::PretrainConfig;
+use super::config::{Objective, PretrainConfig};
 use super::monitor::KnnSet;
-use super::state::{self, TrainState};
-use super::step::{StepValues, optimizer_step};
+use super::objective::{Trainer, loader_crops};
+use super::state;
+use super::step::StepValues;
 use crate::checkpoint::{load_backbone_with, save_adapter, save_backbone};
 use crate::data::{
     BatchSpec, CropBatch, CropLoader, FolderSource, ImageList, ImageSource, ProceduralDomain, ProceduralSource, contact_sheet,
 };
 use crate::engine::{AttentionRequest, AttentionView, BatchPreview, Event, Flow, JobContext, Phase, SamplePreview};
 use crate::model::{Vit, VitConfig};
-use crate::objectives::{DinoModel, MaskedPatches, StepInputs};
 use crate::peft::{AdaptationPlan, apply_plan, merge_lora};
 
 /// A pre-training run: where it writes and whether it continues from its last checkpoint.
@@ -70,7 +71,7 @@ fn load_base(config: &mut PretrainConfig, out: &Path, device: &Device, ctx: &mut
     if let Some(path) = &config.model.weights {
         let (model, report) = load_backbone_with(path, arch, device)?;
         ctx.info(format!("loaded {report}"));
-        if report.initialised.iter().any(|t| t == "mask_token") && config.loss.ibot_weight > 0.0 {
+        if report.initialised.iter().any(|t| t == "mask_token") && config.loss.ibot_weight > 0.0 && config.objective == Objective::Dinov2 {
             ctx.warn(format!(
                 "{} has no mask token: iBOT trains a freshly initialised one (set loss.ibot_weight = 0 to train without iBOT)",
                 path.display()
@@ -101,26 +102,6 @@ fn source_for(config: &PretrainConfig) -> anyhow::Result<Arc<dyn ImageSource>> {
             count: config.data.procedural_tiles,
         }),
     })
-}
-
-fn step_inputs(batch: &CropBatch, patch: usize, capacity: usize, device: &Device) -> StepInputs {
-    let b = batch.batch;
-    let (g, s) = (2, batch.global_size as usize);
-    let (l, ls) = (batch.local_crops, batch.local_size as usize);
-    let n = (s / patch) * (s / patch);
-    let globals = Tensor::<4>::from_data(TensorData::new(batch.globals.clone(), [g * b, 3, s, s]), device);
-    let locals = (l > 0).then(|| Tensor::<4>::from_data(TensorData::new(batch.locals.clone(), [l * b, 3, ls, ls]), device));
-    let mask_values: Vec<f32> = batch.masks.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
-    let masks = Tensor::<2>::from_data(TensorData::new(mask_values, [g * b, n]), device).greater_elem(0.5);
-    StepInputs {
-        globals,
-        locals,
-        masks,
-        masked: MaskedPatches::new(&batch.masks, n, capacity, device),
-        batch: b,
-        global_crops: g,
-        local_crops: l,
-    }
 }
 
 struct Metrics {
@@ -187,51 +168,52 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     let vit = base.config().clone();
     let patch = vit.patch_size;
     config.check_model(&vit)?;
-    if !vit.mask_token && config.loss.ibot_weight > 0.0 {
+    if !vit.mask_token && config.loss.ibot_weight > 0.0 && config.objective == Objective::Dinov2 {
         anyhow::bail!("invalid run config: `loss.ibot_weight` is > 0 but the backbone has no mask token (set it to 0)");
     }
-    let plan: AdaptationPlan = config.plan.resolve(&vit).map_err(|e| anyhow::anyhow!("[plan] {e}"))?;
-    let budget = plan.budget(&vit);
+    let plan: AdaptationPlan = config.resolve_plan(&vit).map_err(|e| anyhow::anyhow!("[plan] {e}"))?;
     std::fs::write(out.join("config.toml"), config.to_toml()).with_context(|| format!("writing {}/config.toml", out.display()))?;
+    let mut state = Trainer::new(apply_plan(base, &plan)?, &config, device, &ad, ctx)?;
+    let (extra, extra_params) = state.extra_module(&config);
+    let budget = plan.budget(&vit).with_module(extra, extra_params);
     ctx.info(format!(
-        "{}: {} of {} backbone parameters train ({:.2}%) + head {}",
+        "{} ({} objective): {} of {} backbone parameters train ({:.2}%) + {} {}",
         vit.name,
+        config.objective,
         budget.trainable,
         budget.backbone,
         budget.percent(),
-        config.head.num_params(vit.embed_dim)
+        budget.extra[0].component,
+        budget.extra[0].params
     ));
-
-    let mut state = TrainState::new(apply_plan(base, &plan)?, &config, device);
     if job.resume {
         let (found, skipped) = state::newest_readable(out);
         skipped.into_iter().for_each(|w| ctx.warn(w));
         match found {
             Some(found) => {
                 let path = found.path.clone();
-                state = state::restore(found, state, device)?;
-                ctx.info(format!("resuming from {} (step {})", path.display(), state.step));
+                state = state.restore(found, device)?;
+                ctx.info(format!("resuming from {} (step {})", path.display(), state.step()));
             }
             None => ctx.warn(format!("{} has no readable checkpoint: starting from the beginning", out.display())),
         }
     }
-    let start = state.step;
+    let start = state.step();
     let total = config.run.steps;
     let mut metrics = Metrics::open(&out.join("metrics.jsonl"), start)?;
 
     let source = source_for(&config)?;
     ctx.info(format!("data: {}", source.describe()));
     let accumulation = config.optim.accumulation as u64;
+    let (crops, masks) = loader_crops(&config);
     let spec = BatchSpec {
-        crops: config.crops.clone(),
-        masks: config.masks.clone(),
+        crops,
+        masks,
         patch_size: patch,
         batch: config.optim.batch,
         seed: config.run.seed,
         preview_every: config.run.preview_every * accumulation,
     };
-    let grid = config.crops.global_size as usize / patch;
-    let capacity = crate::data::max_masked(2 * config.optim.batch, grid * grid, &config.masks).max(1);
     let preview_source = source.clone();
     let mut loader = CropLoader::new(source, spec, start * accumulation, config.data.prefetch);
 
@@ -245,9 +227,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     } else {
         None
     };
-    let knn = |teacher: &DinoModel| {
-        knn_set.as_ref().map(|set| set.evaluate(&teacher.backbone, config.monitor.knn_k, config.optim.batch.max(32), device))
-    };
+    let knn = |encoder: &Vit| knn_set.as_ref().map(|set| set.evaluate(encoder, config.monitor.knn_k, config.optim.batch.max(32), device));
     let mut summary = PretrainSummary {
         steps_done: start,
         stopped_early: false,
@@ -260,7 +240,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         skipped_files: 0,
     };
     if start == 0 {
-        summary.knn_before = knn(&state.teacher);
+        summary.knn_before = knn(state.encoder());
         if let Some(acc) = summary.knn_before {
             metrics.write(&serde_json::json!({ "step": 0, "knn_top1": acc }))?;
             ctx.emit(Event::Metrics { step: 0, values: vec![("knn_top1".into(), acc)] });
@@ -278,9 +258,9 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     // The source backbone for attention requests, loaded on the first one.
     let mut source_model: Option<Vit> = None;
     let mut last_preview: Option<Instant> = None;
-    while state.step < total {
+    while state.step() < total {
         let flow = ctx.checkpoint_with(|request| {
-            match answer_attention(&request, &config, &mut source_model, &state.student.backbone, state.step, device) {
+            match answer_attention(&request, &config, &mut source_model, state.student(), state.step(), device) {
                 Ok(view) => ctx.emit(Event::Attention(Arc::new(view))),
                 Err(e) => ctx.warn(format!("attention map: {e:#}")),
             }
@@ -289,10 +269,10 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
             summary.stopped_early = true;
             break;
         }
-        let step = state.step;
+        let step = state.step();
         let values = StepValues::at(&config, step);
         let tick = Instant::now();
-        let (next, outcome) = optimizer_step(state, &config, values, device, profile, |micro| {
+        let (next, outcome) = state.optimizer_step(&config, values, device, &ad, profile, |micro| {
             let batch = loader.next()?;
             // Pictures of the batch for the app, at most every two seconds.
             if micro == 0 && last_preview.is_none_or(|t| t.elapsed().as_secs_f64() >= 2.0) {
@@ -311,9 +291,10 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
                 let sheet = contact_sheet(crops, Some((&masks, g)));
                 let path = out.join("batch-preview.png");
                 sheet.save(&path).with_context(|| format!("writing {}", path.display()))?;
-                ctx.artifact(format!("augmented crops and iBOT masks, step {}", step + 1), path);
+                let what = if config.objective == Objective::Mae { "augmented views" } else { "augmented crops and iBOT masks" };
+                ctx.artifact(format!("{what}, step {}", step + 1), path);
             }
-            Ok(step_inputs(&batch, patch, capacity, &ad))
+            Ok(batch)
         })?;
         state = next;
         if let Some((what, bad)) = outcome.non_finite() {
@@ -324,7 +305,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
                 last_checkpoint.as_ref().map_or("none yet".into(), |p| p.display().to_string())
             );
         }
-        let (parts, norm) = (outcome.parts, outcome.grad_norm);
+        let norm = outcome.grad_norm;
         if profile {
             let line: Vec<String> = outcome.timings.iter().map(|(k, v)| format!("{k} {v:.0} ms")).collect();
             ctx.info(format!("step {} timings: {}", step + 1, line.join(", ")));
@@ -338,54 +319,58 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         if let Some(m) = memory {
             summary.peak_gpu_bytes = Some(summary.peak_gpu_bytes.unwrap_or(0).max(m));
         }
-        summary.final_loss = Some(parts[0]);
+        summary.final_loss = outcome.parts.first().map(|(_, loss)| *loss);
         let mut line = serde_json::json!({
-            "step": state.step,
-            "loss": parts[0], "dino": parts[1], "ibot": parts[2], "koleo": parts[3],
-            "lr": values.lr, "wd": values.weight_decay, "teacher_temp": values.teacher_temp,
-            "momentum": values.momentum, "grad_norm": norm,
+            "step": state.step(),
+            "grad_norm": norm,
             "img_per_s": images as f64 / step_seconds.max(1e-9),
             "gpu_bytes": memory,
         });
-        let monitor_due = config.monitor.knn_every > 0 && (state.step.is_multiple_of(config.monitor.knn_every) || state.step == total);
-        if monitor_due && let Some(acc) = knn(&state.teacher) {
+        for (key, value) in outcome.parts.iter().chain(&state.schedule(&values)) {
+            line[*key] = serde_json::json!(value);
+        }
+        let done = state.step();
+        let monitor_due = config.monitor.knn_every > 0 && (done.is_multiple_of(config.monitor.knn_every) || done == total);
+        if monitor_due && let Some(acc) = knn(state.encoder()) {
             line["knn_top1"] = serde_json::json!(acc);
             summary.knn_after = Some(acc);
         }
         metrics.write(&line)?;
         ctx.emit(Event::Metrics {
-            step: state.step,
+            step: done,
             values: ["loss", "dino", "ibot", "koleo", "lr", "teacher_temp", "grad_norm", "img_per_s", "gpu_bytes", "knn_top1"]
                 .iter()
                 .filter_map(|k| line.get(*k).and_then(|v| v.as_f64()).map(|v| (k.to_string(), v)))
                 .collect(),
         });
-        ctx.progress(state.step, Some(total));
+        ctx.progress(done, Some(total));
         let every = config.run.checkpoint_every;
-        if (every > 0 && state.step.is_multiple_of(every)) || state.step == total {
-            last_checkpoint = Some(state::save(out, &state, config.run.keep_checkpoints)?);
+        if (every > 0 && done.is_multiple_of(every)) || done == total {
+            last_checkpoint = Some(state.save(out, config.run.keep_checkpoints)?);
         }
     }
-    summary.steps_done = state.step;
+    summary.steps_done = state.step();
     summary.images_per_second = images_this_session as f64 / began.elapsed().as_secs_f64().max(1e-9);
     if summary.stopped_early {
-        if last_checkpoint.as_ref().is_none_or(|p| *p != state::checkpoint_path(out, state.step)) {
-            let path = state::save(out, &state, config.run.keep_checkpoints)?;
+        if last_checkpoint.as_ref().is_none_or(|p| *p != state::checkpoint_path(out, state.step())) {
+            let path = state.save(out, config.run.keep_checkpoints)?;
             ctx.artifact("checkpoint", &path);
         }
         return Ok(summary);
     }
 
     ctx.phase(Phase::Exporting, None);
-    let teacher = merge_lora(state.teacher.backbone.clone());
+    let adapted = merge_lora(state.encoder().clone());
     let backbone_path = out.join("backbone.safetensors");
-    save_backbone(&teacher, &backbone_path)?;
-    ctx.artifact("adapted backbone (teacher, LoRA merged)", &backbone_path);
+    save_backbone(&adapted, &backbone_path)?;
+    let which = if config.objective == Objective::Mae { "encoder" } else { "teacher" };
+    ctx.artifact(format!("adapted backbone ({which}, LoRA merged)"), &backbone_path);
     let adapter_path = out.join("adapter.safetensors");
-    save_adapter(&state.teacher.backbone, &plan, &adapter_path)?;
+    save_adapter(state.encoder(), &plan, &adapter_path)?;
     ctx.artifact("adapter (trained tensors only)", &adapter_path);
+    state.finish(&config, preview_source.as_ref(), out, device, ctx)?;
     let report = out.join("report.md");
-    std::fs::write(&report, report_text(&config, &plan, &vit, &summary))?;
+    std::fs::write(&report, report_text(&config, &budget, &plan, &vit, &summary))?;
     ctx.artifact("report", &report);
     crate::checkpoint::atomic_write(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
@@ -434,8 +419,13 @@ fn answer_attention(
     crate::inspect::attention::before_after(request, config.crops.global_size, source, &student.clone().valid(), step, device)
 }
 
-fn report_text(config: &PretrainConfig, plan: &AdaptationPlan, vit: &VitConfig, s: &PretrainSummary) -> String {
-    let budget = plan.budget(vit);
+fn report_text(
+    config: &PretrainConfig,
+    budget: &crate::peft::Budget,
+    plan: &AdaptationPlan,
+    vit: &VitConfig,
+    s: &PretrainSummary,
+) -> String {
     let pct = |v: Option<f64>| v.map_or("—".into(), |v| format!("{:.1}%", 100.0 * v));
     let data = match (&config.data.images, &config.data.list) {
         (Some(p), _) => format!("images under `{}`", p.display()),
@@ -445,15 +435,16 @@ fn report_text(config: &PretrainConfig, plan: &AdaptationPlan, vit: &VitConfig, 
     format!(
         "# ExPLoRA pre-training\n\n\
          - backbone: {} ({} blocks, width {}), weights `{}`\n\
+         - objective: {}; beside the backbone trains: {}\n\
          - plan: unfrozen blocks {:?}, LoRA rank {} on {} elsewhere; {} trainable of {} ({:.2}%)\n\
          - data: {data}\n\
-         - crops: 2 × {} px global, {} × {} px local; effective batch {}\n\
+         - crops: {}; effective batch {}\n\
          - steps: {} ({} images seen, {:.1} images/s){}\n\
          - final loss: {}\n\
-         - k-NN top-1 (teacher CLS, leave-one-out, k = {}): before {} → after {}\n\
+         - k-NN top-1 (CLS of the exported backbone, leave-one-out, k = {}): before {} → after {}\n\
          - peak GPU memory reserved: {}\n\
          - files skipped (unreadable): {}\n\n\
-         `backbone.safetensors` is the adapted backbone (the EMA teacher with LoRA merged); probe it with \
+         `backbone.safetensors` is the adapted backbone (the EMA teacher, or MAE's encoder, with LoRA merged); probe it with \
          `explora embed --weights backbone.safetensors --images <folder>`.\n\n\
          To run on real weights and data: \
          `explora --no-gui pretrain --weights dinov2_vits14.pth --images /data/eurosat --out runs/eurosat` \
@@ -462,15 +453,25 @@ fn report_text(config: &PretrainConfig, plan: &AdaptationPlan, vit: &VitConfig, 
         vit.depth,
         vit.embed_dim,
         config.model.weights.as_ref().map_or("random".into(), |p| p.display().to_string()),
+        config.objective,
+        budget
+            .extra
+            .iter()
+            .map(|r| format!("{} ({} parameters)", r.component, crate::peft::thousands(r.params)))
+            .collect::<Vec<_>>()
+            .join(", "),
         plan.unfrozen_blocks(),
         plan.lora.rank,
         plan.lora.targets,
         budget.trainable,
         budget.backbone,
         budget.percent(),
-        config.crops.global_size,
-        config.crops.local_crops,
-        config.crops.local_size,
+        match config.objective {
+            Objective::Dinov2 =>
+                format!("2 × {} px global, {} × {} px local", config.crops.global_size, config.crops.local_crops, config.crops.local_size),
+            Objective::Mae =>
+                format!("one {} px view per image, {:.0}% of its patches masked", config.crops.global_size, 100.0 * config.mae.mask_ratio),
+        },
         config.optim.effective_batch(),
         s.steps_done,
         s.images_seen,

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::checkpoint::{Metadata, RawTensor, TensorMap, is_disk_full, read_safetensors, write_safetensors};
@@ -13,6 +14,8 @@ use crate::model::params::{for_each_param, map_params};
 use crate::model::to_vec;
 use crate::objectives::{Centers, DinoModel};
 use crate::optim::AdamW;
+
+use super::config::Objective;
 
 pub const FORMAT: &str = "explora-pretrain-v1";
 
@@ -35,14 +38,13 @@ impl TrainState {
     /// Step 0 of a run: the student (the adapted backbone + a fresh head), its EMA teacher, empty
     /// AdamW moments and zero centers on `device` (the plain device).
     pub fn new(backbone: crate::model::Vit, config: &super::PretrainConfig, device: &Device) -> Self {
-        use burn::module::Module;
         let student = DinoModel::new(backbone, &config.head);
         let teacher = student.valid();
         Self {
             step: 0,
             student,
             teacher,
-            optim: AdamW::new(config.optim.betas, config.optim.eps),
+            optim: AdamW::new(config.betas(), config.optim.eps),
             centers: Centers::zeros(config.head.prototypes, device),
         }
     }
@@ -71,31 +73,49 @@ pub fn list(run: &Path) -> Vec<(u64, PathBuf)> {
 
 /// Writes the checkpoint for `state` atomically and deletes all but the newest `keep`.
 pub fn save(run: &Path, state: &TrainState, keep: usize) -> anyhow::Result<PathBuf> {
-    let mut tensors = TensorMap::new();
-    let mut names = Vec::new();
-    for_each_param(&state.student, |name, t, trainable| {
-        if trainable {
-            names.push(name.to_string());
-            tensors.insert(format!("student.{name}"), raw(t));
-        }
-    });
+    let mut tensors = trainable(&state.student, "student");
     for_each_param(&state.teacher, |name, t, _| {
-        if names.iter().any(|n| n == name) {
+        if tensors.contains_key(&format!("student.{name}")) {
             tensors.insert(format!("teacher.{name}"), raw(t));
         }
     });
-    let (optim, steps) = state.optim.save();
-    tensors.extend(optim);
     tensors.insert("center.dino".into(), raw(state.centers.dino.clone().flatten(0, 1)));
     tensors.insert("center.ibot".into(), raw(state.centers.ibot.clone().flatten(0, 1)));
+    write(run, state.step, tensors, &state.optim, Objective::Dinov2, keep)
+}
+
+/// `module`'s trainable tensors under `prefix.<path>`.
+pub(super) fn trainable<M: Module>(module: &M, prefix: &str) -> TensorMap {
+    let mut tensors = TensorMap::new();
+    for_each_param(module, |name, t, trainable| {
+        if trainable {
+            tensors.insert(format!("{prefix}.{name}"), raw(t));
+        }
+    });
+    tensors
+}
+
+/// Writes a checkpoint of `step` (the model tensors, the optimizer state, the objective)
+/// atomically and deletes all but the newest `keep`.
+pub(super) fn write(
+    run: &Path,
+    step: u64,
+    mut tensors: TensorMap,
+    optim: &AdamW,
+    objective: Objective,
+    keep: usize,
+) -> anyhow::Result<PathBuf> {
+    let (moments, steps) = optim.save();
+    tensors.extend(moments);
     let mut meta = Metadata::new();
     meta.insert("format".into(), FORMAT.into());
-    meta.insert("step".into(), state.step.to_string());
+    meta.insert("objective".into(), objective.name().into());
+    meta.insert("step".into(), step.to_string());
     meta.insert("optim_steps".into(), serde_json::to_string(&steps)?);
-    let path = checkpoint_path(run, state.step);
+    let path = checkpoint_path(run, step);
     if let Err(error) = write_safetensors(&path, &tensors, &meta) {
-        let last = match list(run).into_iter().rfind(|(step, _)| *step != state.step) {
-            Some((step, p)) => format!("the last good checkpoint is step {step} ({})", p.display()),
+        let last = match list(run).into_iter().rfind(|(s, _)| *s != step) {
+            Some((s, p)) => format!("the last good checkpoint is step {s} ({})", p.display()),
             None => "there is no earlier checkpoint".to_string(),
         };
         let hint = if is_disk_full(&error) {
@@ -103,7 +123,7 @@ pub fn save(run: &Path, state: &TrainState, keep: usize) -> anyhow::Result<PathB
         } else {
             format!("continue with `explora --no-gui resume {}`", run.display())
         };
-        anyhow::bail!("could not write the checkpoint of step {}: {error}; {last}; {hint}", state.step);
+        anyhow::bail!("could not write the checkpoint of step {step}: {error}; {last}; {hint}");
     }
     let all = list(run);
     for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
@@ -112,12 +132,49 @@ pub fn save(run: &Path, state: &TrainState, keep: usize) -> anyhow::Result<PathB
     Ok(path)
 }
 
+/// Replaces `module`'s trainable tensors by `prefix.<path>` of `tensors`, naming in `missing`
+/// each one the file lacks or holds with another size.
+pub(super) fn restore_trainable<M: Module>(module: M, prefix: &str, tensors: &TensorMap, missing: &mut Vec<String>) -> M {
+    let mut wanted = Vec::new();
+    for_each_param(&module, |name, _, trainable| {
+        if trainable {
+            wanted.push(name.to_string());
+        }
+    });
+    map_params(module, |name, current| {
+        if !wanted.iter().any(|w| w == name) {
+            return None;
+        }
+        let key = format!("{prefix}.{name}");
+        match tensors.get(&key) {
+            Some(t) if t.data.len() == current.dims()[0] => {
+                Some(Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), &current.device()))
+            }
+            Some(t) => {
+                missing.push(format!("{key} (has {} values, the model {})", t.data.len(), current.dims()[0]));
+                None
+            }
+            None => {
+                missing.push(key);
+                None
+            }
+        }
+    })
+}
+
 /// A checkpoint file read back whole.
 pub struct Readable {
     pub step: u64,
     pub path: PathBuf,
-    tensors: TensorMap,
-    meta: Metadata,
+    pub(super) tensors: TensorMap,
+    pub(super) meta: Metadata,
+}
+
+impl Readable {
+    /// The optimizer's step counts by parameter path.
+    pub(super) fn optim_steps(&self) -> anyhow::Result<HashMap<String, u64>> {
+        Ok(serde_json::from_str(self.meta.get("optim_steps").map_or("{}", String::as_str))?)
+    }
 }
 
 /// Reads one checkpoint file; errors say why it cannot be used.
@@ -152,6 +209,16 @@ pub fn newest_readable(run: &Path) -> (Option<Readable>, Vec<String>) {
     (None, warnings)
 }
 
+/// Refuses a checkpoint written by a run of another objective (files without the key are
+/// DINOv2's, written before MAE existed).
+pub(super) fn check_objective(meta: &Metadata, objective: Objective, path: &Path) -> anyhow::Result<()> {
+    let found = meta.get("objective").map_or("dinov2", String::as_str);
+    if found != objective.name() {
+        anyhow::bail!("{} is a checkpoint of a run with objective {found}, this run's objective is {objective}", path.display());
+    }
+    Ok(())
+}
+
 /// Restores a checkpoint file into a freshly built state (same config and plan).
 pub fn load(path: &Path, state: TrainState, device: &Device) -> anyhow::Result<TrainState> {
     restore(read(path)?, state, device)
@@ -163,33 +230,10 @@ pub fn restore(found: Readable, mut state: TrainState, device: &Device) -> anyho
     let Readable { step, path, tensors, meta } = found;
     let path = path.as_path();
     let steps: HashMap<String, u64> = serde_json::from_str(meta.get("optim_steps").map_or("{}", String::as_str))?;
+    check_objective(&meta, Objective::Dinov2, path)?;
     let mut missing = Vec::new();
     // The student's trainable tensors, each checked against the file.
-    let mut wanted = Vec::new();
-    for_each_param(&state.student, |name, _, trainable| {
-        if trainable {
-            wanted.push(name.to_string());
-        }
-    });
-    state.student = map_params(state.student, |name, current| {
-        if !wanted.iter().any(|w| w == name) {
-            return None;
-        }
-        let key = format!("student.{name}");
-        match tensors.get(&key) {
-            Some(t) if t.data.len() == current.dims()[0] => {
-                Some(Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), &current.device()))
-            }
-            Some(t) => {
-                missing.push(format!("{key} (has {} values, the model {})", t.data.len(), current.dims()[0]));
-                None
-            }
-            None => {
-                missing.push(key);
-                None
-            }
-        }
-    });
+    state.student = restore_trainable(state.student, "student", &tensors, &mut missing);
     // The teacher's trainable set is the student's: take the same names.
     let names: Vec<String> = tensors.keys().filter_map(|k| k.strip_prefix("teacher.").map(String::from)).collect();
     let mut teacher_missing = Vec::new();

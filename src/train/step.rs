@@ -32,9 +32,10 @@ impl StepValues {
     /// teacher temperature warms up linearly.
     pub fn at(config: &PretrainConfig, step: u64) -> Self {
         let (o, l, total) = (&config.optim, &config.loss, config.run.steps);
+        let wd = config.weight_decay();
         Self {
             lr: warmup_cosine(o.peak_lr(), o.min_lr, o.warmup_steps, step, total),
-            weight_decay: cosine(o.weight_decay[0], o.weight_decay[1], step, total),
+            weight_decay: cosine(wd[0], wd[1], step, total),
             momentum: cosine(o.momentum[0], o.momentum[1], step, total),
             teacher_temp: linear(l.teacher_temp[0], l.teacher_temp[1], step, l.teacher_temp_warmup_steps),
         }
@@ -44,8 +45,9 @@ impl StepValues {
 /// What one optimizer step read back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutcome {
-    /// Mean over the micro-batches of [total, dino, ibot, koleo].
-    pub parts: [f64; 4],
+    /// The loss (`loss`, first) and its parts by name (DINOv2: `dino`, `ibot`, `koleo`), each
+    /// the mean over the micro-batches.
+    pub parts: Vec<(&'static str, f64)>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// `(phase, milliseconds)` when profiling (each phase ends with a device sync).
@@ -55,7 +57,7 @@ pub struct StepOutcome {
 impl StepOutcome {
     /// The first value that is not finite, named ("loss" or "gradient norm").
     pub fn non_finite(&self) -> Option<(&'static str, f64)> {
-        if let Some(bad) = self.parts.iter().find(|v| !v.is_finite()) {
+        if let Some((_, bad)) = self.parts.iter().find(|(_, v)| !v.is_finite()) {
             return Some(("loss", *bad));
         }
         (!self.grad_norm.is_finite()).then_some(("gradient norm", self.grad_norm))
@@ -119,7 +121,8 @@ pub fn optimizer_step(
     let read = to_vec(Tensor::cat(vec![parts, norm], 0));
     state.step += 1;
     let f = |i: usize| f64::from(read[i]);
-    Ok((state, StepOutcome { parts: [f(0), f(1), f(2), f(3)], grad_norm: f(4), timings }))
+    let parts = vec![("loss", f(0)), ("dino", f(1)), ("ibot", f(2)), ("koleo", f(3))];
+    Ok((state, StepOutcome { parts, grad_norm: f(4), timings }))
 }
 
 #[cfg(test)]
@@ -136,7 +139,7 @@ mod tests {
         assert!((StepValues::at(&c, 9).lr - c.optim.peak_lr()).abs() < 1e-12);
         let mid = StepValues::at(&c, 50).lr;
         assert!(mid < c.optim.peak_lr() && mid > c.optim.min_lr);
-        assert!((first.weight_decay - c.optim.weight_decay[0]).abs() < 1e-12);
+        assert!((first.weight_decay - c.weight_decay()[0]).abs() < 1e-12);
         assert!((first.momentum - c.optim.momentum[0]).abs() < 1e-12);
         assert_eq!(first.teacher_temp, c.loss.teacher_temp[0]);
         assert_eq!(StepValues::at(&c, 1_000).teacher_temp, c.loss.teacher_temp[1]);

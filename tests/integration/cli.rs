@@ -270,6 +270,23 @@ fn plan_prints_the_papers_vitl14_budget_and_rejects_bad_ranks() {
 }
 
 #[test]
+fn plan_lists_the_mae_decoder_beside_an_mae_backbone() {
+    let out = explora(&["plan", "--arch", "mae-vitb16"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("unfrozen blocks [11]") && t.contains("LoRA r=64 on q,v of 11 blocks") && t.contains("CLS token"), "{t}");
+    assert!(!t.contains("mask token") && !t.contains("patch embedding") && !t.contains("position embeddings"), "{t}");
+    let decoder = explora::objectives::mae::DecoderConfig::default().num_params(768, 16);
+    let line = "beside the backbone (mae objective): MAE decoder, fresh (512 wide, 8 blocks; ";
+    assert!(t.contains(line) && t.contains(&format!("{} parameters", explora::peft::thousands(decoder))), "{t}");
+    // A DINOv2 backbone under MAE: its mask token stays frozen.
+    let dino = text(&explora(&["plan", "--arch", "vits14"]));
+    assert!(dino.contains("mask token") && !dino.contains("MAE decoder"), "{dino}");
+    let mae = text(&explora(&["plan", "--arch", "vits14", "--objective", "mae"]));
+    assert!(!mae.contains("mask token") && mae.contains("MAE decoder"), "{mae}");
+}
+
+#[test]
 fn pipeline_prints_its_config_and_names_bad_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let out = explora(&["pipeline", "--print-config", "--steps", "3", "--finetune", "--image-size", "56"]);

@@ -280,3 +280,32 @@ fn the_results_panel_shows_the_evaluation_report_and_confusion_matrices() {
     let results = snapshot(&mut harness, "results-evaluation", &["evaluation/report.md"]);
     assert!(difference(&before, &results) > 0.02, "the Results panel shows nothing new");
 }
+
+#[test]
+fn the_setup_panel_chooses_the_objective_and_shows_maes_knobs_only_for_mae() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut harness = app_harness(&dir.path().join("run"));
+    harness.run_steps(2);
+    assert_eq!(harness.state().tab, Tab::Setup);
+    assert_eq!(harness.state().state.config.objective, explora::train::Objective::Dinov2);
+    assert!(harness.query_by_label("mask ratio").is_none(), "MAE's knobs are shown for DINOv2");
+    harness.get_by_label_contains("MAE (masked-patch reconstruction").click();
+    harness.run_steps(2);
+    let state = &harness.state().state;
+    assert_eq!(state.config.objective, explora::train::Objective::Mae);
+    assert!(state.problems().is_empty(), "{:?}", state.problems());
+    harness.get_by_label("mask ratio");
+    harness.get_by_label("decoder width");
+    // The budget lists the fresh decoder beside the backbone (512 wide, 8 blocks by default).
+    let budget = harness.state().state.budget().unwrap();
+    let decoder = explora::objectives::mae::DecoderConfig::default().num_params(64, 8);
+    assert_eq!(budget.extra.len(), 1);
+    assert_eq!(budget.extra[0].params, decoder);
+    open_tab(&mut harness, Tab::Adaptation);
+    harness.get_by_label_contains("beside the backbone: MAE decoder, fresh");
+    open_tab(&mut harness, Tab::Setup);
+    harness.get_by_label_contains("DINOv2 (self-distillation").click();
+    harness.run_steps(2);
+    assert_eq!(harness.state().state.config.objective, explora::train::Objective::Dinov2);
+    assert!(harness.query_by_label("mask ratio").is_none(), "MAE's knobs stay after switching back");
+}

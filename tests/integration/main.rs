@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod eval;
 mod gui;
+mod mae;
 mod model;
 mod parity;
 mod peft;

@@ -17,7 +17,7 @@ use explora::train::{PretrainConfig, PretrainJob, pretrain};
 
 use crate::common::*;
 
-fn run_quietly(config: PretrainConfig, out: &Path, resume: bool) -> anyhow::Result<explora::train::PretrainSummary> {
+pub fn run_quietly(config: PretrainConfig, out: &Path, resume: bool) -> anyhow::Result<explora::train::PretrainSummary> {
     let device = device();
     let job = PretrainJob { config, out: out.to_path_buf(), resume };
     let (events, _commands) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<Command>());
@@ -26,7 +26,7 @@ fn run_quietly(config: PretrainConfig, out: &Path, resume: bool) -> anyhow::Resu
 }
 
 /// Runs the job and returns what it ended with and the log lines it emitted.
-fn run_logged(job: PretrainJob) -> (anyhow::Result<explora::train::PretrainSummary>, Vec<String>) {
+pub fn run_logged(job: PretrainJob) -> (anyhow::Result<explora::train::PretrainSummary>, Vec<String>) {
     let device = device();
     let (events, commands) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<Command>());
     let mut ctx = engine::JobContext::new(events.0, commands.1);
@@ -37,7 +37,7 @@ fn run_logged(job: PretrainJob) -> (anyhow::Result<explora::train::PretrainSumma
 }
 
 /// `metrics.jsonl` lines without the wall-clock fields.
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()

@@ -17,8 +17,22 @@ pub(crate) fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         memory_tokens: args.memory_tokens,
         ..Default::default()
     };
-    let plan = spec.resolve(&config)?;
-    let budget = plan.budget(&config);
+    use crate::train::config::{MaeSection, Objective};
+    let objective = args.objective.unwrap_or(match config.family {
+        crate::model::Family::Dinov2 => Objective::Dinov2,
+        crate::model::Family::Mae => Objective::Mae,
+    });
+    let mut plan = spec.resolve(&config)?;
+    let mut budget = plan.budget(&config);
+    if objective == Objective::Mae {
+        // MAE's encoder never sees its mask token (masked patches are dropped).
+        if plan.mask_token {
+            plan.mask_token = false;
+            budget = plan.budget(&config);
+        }
+        let (component, params) = MaeSection::default().budget_row(&config);
+        budget = budget.with_module(component, params);
+    }
     anyhow::ensure!(args.crops.len() == 2, "--crops takes two sizes, global and local, e.g. --crops 224,98");
     let crops = [(args.crops[0], 2), (args.crops[1], args.local_crops)];
     let activations = crate::peft::activation_bytes(&config, &plan, args.batch, &crops);
@@ -26,7 +40,7 @@ pub(crate) fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({ "arch": config.name, "plan": plan, "budget": budget, "activation_bytes": activations })
+                &serde_json::json!({ "arch": config.name, "plan": plan, "objective": objective, "budget": budget, "activation_bytes": activations })
             )?
         );
         return Ok(());
@@ -49,6 +63,9 @@ pub(crate) fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         );
     }
     println!("{:<44} {:>14} {:>7.2}%", "total", crate::peft::thousands(budget.trainable), budget.percent());
+    for extra in &budget.extra {
+        println!("beside the backbone ({objective} objective): {}: {} parameters", extra.component, crate::peft::thousands(extra.params));
+    }
     println!(
         "optimizer state (AdamW, 2 × f32 per trainable parameter): {:.1} MiB",
         budget.optimizer_state_bytes() as f64 / (1 << 20) as f64

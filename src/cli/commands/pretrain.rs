@@ -22,6 +22,9 @@ pub fn pretrain_config(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
     if args.arch.is_some() {
         c.model.arch = args.arch.clone();
     }
+    if let Some(objective) = args.objective {
+        c.objective = objective;
+    }
     if args.images.is_some() {
         c.set_images(args.images.clone());
     }

@@ -257,8 +257,18 @@ impl AppState {
     }
 
     /// Trainable parameters per component, as `explora plan` prints them.
+    /// The plan's budget; under the MAE objective with the decoder beside it (the fresh
+    /// decoder of `[mae]`, which trains fully).
     pub fn budget(&self) -> Option<Budget> {
-        Some(self.plan.budget(self.vit.as_ref()?))
+        let vit = self.vit.as_ref()?;
+        let budget = self.plan.budget(vit);
+        Some(match self.config.objective {
+            crate::train::Objective::Dinov2 => budget,
+            crate::train::Objective::Mae => {
+                let (component, params) = self.config.mae.budget_row(vit);
+                budget.with_module(component, params)
+            }
+        })
     }
 
     /// Activation memory of one micro-batch at the configured batch and crops.
