@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::Linear;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
@@ -113,7 +113,7 @@ pub struct Classifier {
 impl Classifier {
     pub fn new(backbone: Vit, classes: usize, device: &Device) -> Self {
         let d = backbone.config().embed_dim;
-        let head = LinearConfig::new(2 * d, classes).with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.01 }).init(device);
+        let head = crate::model::init_linear(2 * d, classes, burn::nn::Initializer::Normal { mean: 0.0, std: 0.01 }, device);
         Self { backbone, head }
     }
 

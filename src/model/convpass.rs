@@ -28,7 +28,7 @@ impl Convpass {
     pub fn new(d: usize, dim: usize, scale: f64, device: &Device) -> Self {
         let xavier = Initializer::XavierUniform { gain: 1.0 };
         Self {
-            down: LinearConfig::new(d, dim).with_initializer(xavier.clone()).init(device),
+            down: crate::model::init_linear(d, dim, xavier.clone(), device),
             conv: Conv2dConfig::new([dim, dim], [3, 3])
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
                 .with_initializer(xavier)

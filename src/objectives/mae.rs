@@ -6,7 +6,7 @@
 //! code.
 
 use burn::module::{Module, Param};
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::rngs::Xoshiro256PlusPlus;
 
@@ -46,7 +46,8 @@ impl DecoderConfig {
     /// A fresh decoder after an encoder of width `encoder_width` on a `grid × grid` patch grid
     /// of `patch`-pixel patches.
     pub fn init(&self, encoder_width: usize, grid: usize, patch: usize, device: &Device) -> MaeDecoder {
-        let linear = |i, o| LinearConfig::new(i, o).with_initializer(Initializer::XavierUniform { gain: 1.0 }).init(device);
+        // Xavier-uniform weights and zero biases, as the MAE reference initialises its linears.
+        let linear = |i, o| crate::model::init_linear(i, o, Initializer::XavierUniform { gain: 1.0 }, device);
         MaeDecoder {
             embed: linear(encoder_width, self.width),
             mask_token: Initializer::Normal { mean: 0.0, std: 0.02 }.init([1, 1, self.width], device),
