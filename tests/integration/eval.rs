@@ -209,3 +209,33 @@ fn pipeline_errors_name_the_problem() {
     config.finetune_presets.clear();
     assert!(format!("{:#}", config.validate().unwrap_err()).contains("`finetune.crop_scale`"));
 }
+
+#[test]
+fn the_shipped_recipes_load_and_fit_their_backbones() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/recipes");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("eurosat") {
+            // Pipeline recipes for a ViT-S/14 DINOv2 checkpoint (the weights are the user's).
+            let mut config = PipelineConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            config.model.arch = Some("vits14".into());
+            config.validate().unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            // The pipeline hands its model to the pre-training config.
+            config.pretrain.model.arch = Some("vits14".into());
+            config.pretrain.validate().unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let vit = explora::model::VitConfig::preset("vits14").unwrap();
+            config.pretrain.check_model(&vit).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert!(config.data.image_size % 14 == 0, "{name}");
+        } else {
+            let config = explora::train::PretrainConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            config.validate().unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let vit = config.arch_preset().unwrap().expect("a run recipe names its arch");
+            config.check_model(&vit).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        }
+        seen.push(name);
+    }
+    seen.sort();
+    assert_eq!(seen, ["eurosat-cpu-mae.toml", "eurosat-cpu.toml", "eurosat-gpu.toml", "source-tiny.toml"]);
+}
