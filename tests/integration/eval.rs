@@ -227,7 +227,7 @@ fn the_shipped_recipes_load_and_fit_their_backbones() {
             config.pretrain.validate().unwrap_or_else(|e| panic!("{name}: {e:#}"));
             let vit = explora::model::VitConfig::preset("vits14").unwrap();
             config.pretrain.check_model(&vit).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-            assert!(config.data.image_size % 14 == 0, "{name}");
+            assert!(config.data.image_size.is_multiple_of(14), "{name}");
         } else {
             let config = explora::train::PretrainConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e:#}"));
             config.validate().unwrap_or_else(|e| panic!("{name}: {e:#}"));
