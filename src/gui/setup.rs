@@ -233,6 +233,11 @@ impl SetupPanel {
         ui.horizontal(|ui| {
             ui.radio_value(&mut c.objective, Objective::Dinov2, "DINOv2 (self-distillation: DINO + iBOT + KoLeo, EMA teacher)");
             ui.radio_value(&mut c.objective, Objective::Mae, "MAE (masked-patch reconstruction with a light decoder)");
+            ui.radio_value(
+                &mut c.objective,
+                Objective::Upstep,
+                "UpStep (our reading of the abstract: k-means centres, swapped codes, skipped steps)",
+            );
         });
         if c.objective != Objective::Mae {
             return;

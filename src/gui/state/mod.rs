@@ -263,7 +263,7 @@ impl AppState {
         let vit = self.vit.as_ref()?;
         let budget = self.plan.budget(vit);
         Some(match self.config.objective {
-            crate::train::Objective::Dinov2 => budget,
+            crate::train::Objective::Dinov2 | crate::train::Objective::Upstep => budget,
             crate::train::Objective::Mae => {
                 let (component, params) = self.config.mae.budget_row(vit);
                 budget.with_module(component, params)
