@@ -168,7 +168,8 @@ pub struct PlanArgs {
     pub local_crops: usize,
     /// The objective the plan trains under (default: the backbone family's own). With mae the
     /// encoder's mask token stays frozen and the budget lists the MAE decoder beside the
-    /// backbone (a fresh one of the default shape: 512 wide, 8 blocks).
+    /// backbone (a fresh one of the default shape: 512 wide, 8 blocks). With upstep and no plan
+    /// flag the plan is UpStep's default: LoRA r=8 on Q, K, V of every block, nothing else.
     #[arg(long, value_enum)]
     pub objective: Option<crate::train::config::Objective>,
     /// Print JSON instead of a table.

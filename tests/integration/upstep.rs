@@ -189,5 +189,8 @@ fn upstep_settings_are_checked_with_the_field_named() {
     use clap::Parser;
     let args = explora::cli::Cli::try_parse_from(["explora", "pretrain", "--objective", "upstep", "--arch", "tiny"]).unwrap();
     let Some(explora::cli::Command::Pretrain(args)) = args.command else { panic!("not a pretrain command") };
-    assert_eq!(explora::cli::pretrain_config(&args).unwrap().objective, Objective::Upstep);
+    let config = explora::cli::pretrain_config(&args).unwrap();
+    assert_eq!(config.objective, Objective::Upstep);
+    let plan = config.resolve_plan(&explora::model::VitConfig::tiny()).unwrap();
+    assert_eq!((plan.lora.rank, plan.lora.targets.to_string(), plan.norms), (8, "q,k,v".to_string(), false), "{plan:?}");
 }
