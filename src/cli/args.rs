@@ -52,7 +52,7 @@ pub enum Command {
     /// Write an adapted backbone as a plain checkpoint: apply an adapter file (if given), merge
     /// LoRA into the weights, save in the layout the weights came from (or --layout).
     Export(ExportArgs),
-    /// ExPLoRA extended pre-training (DINOv2 or MAE objective) of a backbone on unlabelled domain
+    /// ExPLoRA extended pre-training (DINOv2, MAE or UpStep objective) of a backbone on unlabelled domain
     /// images: progress, metrics.jsonl, atomic checkpoints, adapted backbone.
     Pretrain(Box<PretrainArgs>),
     /// Continue a pre-training run from its newest checkpoint, exactly where it stopped.
@@ -168,7 +168,8 @@ pub struct PlanArgs {
     pub local_crops: usize,
     /// The objective the plan trains under (default: the backbone family's own). With mae the
     /// encoder's mask token stays frozen and the budget lists the MAE decoder beside the
-    /// backbone (a fresh one of the default shape: 512 wide, 8 blocks).
+    /// backbone (a fresh one of the default shape: 512 wide, 8 blocks). With upstep and no plan
+    /// flag the plan is UpStep's default: LoRA r=8 on Q, K, V of every block, nothing else.
     #[arg(long, value_enum)]
     pub objective: Option<crate::train::config::Objective>,
     /// Print JSON instead of a table.
@@ -264,7 +265,11 @@ pub struct PretrainArgs {
     /// Self-supervised objective: dinov2 (DINO + iBOT + KoLeo, EMA teacher) or mae (masked-patch
     /// reconstruction; MAE backbones need it, DINOv2 backbones may use it with a fresh decoder).
     /// MAE defaults: mask ratio 0.75, normalised-pixel loss, AdamW betas (0.9, 0.95), no weight
-    /// decay; the `[mae]` section of the config sets the rest.
+    /// decay; the `[mae]` section of the config sets the rest. upstep is explora's
+    /// interpretation of UpStep (arXiv 2502.21313; only its abstract is public): swapped
+    /// prediction of Sinkhorn-Knopp codes against fixed k-means centres of the base model, a
+    /// centroid regulariser towards the base model and a gate that skips optimizer steps;
+    /// LoRA r=8 on Q,K,V by default; the `[upstep]` section sets the rest.
     #[arg(long, value_enum)]
     pub objective: Option<crate::train::config::Objective>,
     /// Folder of unlabelled domain images (any tree; class folders are ignored). Without it,

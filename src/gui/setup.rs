@@ -229,11 +229,29 @@ impl SetupPanel {
     /// The self-supervised objective, and MAE's knobs when it is chosen.
     fn objective_ui(&mut self, ui: &mut Ui, state: &mut AppState) {
         ui.heading("Objective");
-        let c = &mut state.config;
+        let mut objective = state.config.objective;
         ui.horizontal(|ui| {
-            ui.radio_value(&mut c.objective, Objective::Dinov2, "DINOv2 (self-distillation: DINO + iBOT + KoLeo, EMA teacher)");
-            ui.radio_value(&mut c.objective, Objective::Mae, "MAE (masked-patch reconstruction with a light decoder)");
+            ui.radio_value(&mut objective, Objective::Dinov2, "DINOv2 (self-distillation: DINO + iBOT + KoLeo, EMA teacher)");
+            ui.radio_value(&mut objective, Objective::Mae, "MAE (masked-patch reconstruction with a light decoder)");
+            ui.radio_value(
+                &mut objective,
+                Objective::Upstep,
+                "UpStep (our reading of the abstract: k-means centres, swapped codes, skipped steps)",
+            );
         });
+        if objective != state.config.objective {
+            state.choose_objective(objective);
+        }
+        let c = &mut state.config;
+        if c.objective == Objective::Upstep {
+            ui.label(
+                "UpStep as explora interprets the paper's abstract (the method is not public): k-means centres of the base model, \
+                 swapped Sinkhorn-Knopp codes from an EMA model, a regulariser towards the base model's mean embedding, and a gate \
+                 that skips some optimizer steps. The plan switched to LoRA r=8 on Q, K, V; the [upstep] section of the config \
+                 sets the rest.",
+            );
+            return;
+        }
         if c.objective != Objective::Mae {
             return;
         }

@@ -194,6 +194,11 @@ pub enum Objective {
     /// predicts the pixels of the masked ones); runs on MAE backbones and on DINOv2 ones (with a
     /// fresh decoder).
     Mae,
+    /// UpStep (Jha, Tuytelaars, Asano 2025), as explora interprets the paper's abstract (the
+    /// full method is not public): swapped prediction of Sinkhorn-Knopp codes against fixed
+    /// k-means centres of the base model, a centroid regulariser towards the base model, and a
+    /// gate that skips some optimizer steps. LoRA r=8 on Q,K,V unless `[plan]` says otherwise.
+    Upstep,
 }
 
 impl Objective {
@@ -201,6 +206,7 @@ impl Objective {
         match self {
             Objective::Dinov2 => "dinov2",
             Objective::Mae => "mae",
+            Objective::Upstep => "upstep",
         }
     }
 }
@@ -285,6 +291,132 @@ impl MaeSection {
     }
 }
 
+/// When an UpStep iteration skips its backward pass and optimizer step (the forward always runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Gate {
+    /// Every second iteration (the 2nd, 4th, ...) is skipped.
+    #[default]
+    Alternate,
+    /// Skipped when the iteration's loss is below its running mean (`gate_ema`): the model
+    /// already does well on this batch.
+    LossBelowEma,
+    /// Skipped when the centroid drift ‖c − c_base‖² is below `cvr_threshold`.
+    CvrThreshold,
+    /// Never skipped.
+    Off,
+}
+
+impl Gate {
+    pub fn name(self) -> &'static str {
+        match self {
+            Gate::Alternate => "alternate",
+            Gate::LossBelowEma => "loss-below-ema",
+            Gate::CvrThreshold => "cvr-threshold",
+            Gate::Off => "off",
+        }
+    }
+}
+
+/// The UpStep objective (`objective = "upstep"`). **An interpretation**: only the abstract of
+/// Jha, Tuytelaars & Asano (arXiv 2502.21313) is public, so explora's version is: `centres`
+/// unit centres from spherical k-means of the frozen base model's CLS embeddings (up to
+/// `kmeans_sample` training images at the global crop size, computed once, kept in the run
+/// folder as `centres.safetensors`); an online model (backbone + LoRA) and an offline EMA copy
+/// (`ema`); for two global crops of each image, the offline model's Sinkhorn-Knopp codes
+/// (temperature `code_temperature`) of one view are predicted by the online model's softmax
+/// over centre cosines (`temperature`) on the other view (swapped prediction); plus
+/// `cvr_weight` · ‖c − c_base‖², c the mean L2-normalised online CLS of the batch and c_base
+/// the base model's. A `gate` decides per iteration whether the backward pass and the
+/// optimizer step run. The exported backbone is the offline (EMA) model with LoRA merged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstepSection {
+    /// K, the number of k-means centres (at most the number of training images).
+    pub centres: usize,
+    pub kmeans_iterations: usize,
+    /// Training images embedded for k-means (a seeded sample when there are more).
+    pub kmeans_sample: usize,
+    /// Momentum of the offline (EMA) model, updated after every real optimizer step.
+    pub ema: f64,
+    /// Temperature of the online model's softmax over centre cosines.
+    pub temperature: f64,
+    /// Temperature of the offline Sinkhorn-Knopp codes (SwAV's ε = 0.05).
+    pub code_temperature: f64,
+    pub sinkhorn_iterations: usize,
+    /// λ of the centroid regulariser (≥ 0; 0 turns it off).
+    pub cvr_weight: f64,
+    pub gate: Gate,
+    /// Momentum of the loss's running mean (`gate = "loss-below-ema"`).
+    pub gate_ema: f64,
+    /// `gate = "cvr-threshold"` skips while ‖c − c_base‖² is below this.
+    pub cvr_threshold: f64,
+}
+
+impl Default for UpstepSection {
+    fn default() -> Self {
+        Self {
+            centres: 256,
+            kmeans_iterations: 20,
+            kmeans_sample: 2_000,
+            ema: 0.996,
+            temperature: 0.1,
+            code_temperature: 0.05,
+            sinkhorn_iterations: 3,
+            cvr_weight: 1.0,
+            gate: Gate::Alternate,
+            gate_ema: 0.9,
+            cvr_threshold: 1e-3,
+        }
+    }
+}
+
+impl UpstepSection {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.centres < 2 {
+            return Err(bad("upstep.centres", "must be at least 2"));
+        }
+        if self.kmeans_sample < self.centres {
+            return Err(bad(
+                "upstep.centres",
+                format!("{} centres need at least as many k-means images; upstep.kmeans_sample is {}", self.centres, self.kmeans_sample),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.ema) {
+            return Err(bad("upstep.ema", format!("must be in [0, 1], got {}", self.ema)));
+        }
+        for (field, t) in [("upstep.temperature", self.temperature), ("upstep.code_temperature", self.code_temperature)] {
+            if !(t > 0.0 && t.is_finite()) {
+                return Err(bad(field, format!("must be > 0, got {t}")));
+            }
+        }
+        if self.sinkhorn_iterations == 0 {
+            return Err(bad("upstep.sinkhorn_iterations", "must be at least 1"));
+        }
+        if !(self.cvr_weight >= 0.0 && self.cvr_weight.is_finite()) {
+            return Err(bad("upstep.cvr_weight", format!("must be a finite number ≥ 0, got {}", self.cvr_weight)));
+        }
+        if !(0.0..1.0).contains(&self.gate_ema) {
+            return Err(bad("upstep.gate_ema", format!("must be in [0, 1), got {}", self.gate_ema)));
+        }
+        if !(self.cvr_threshold >= 0.0 && self.cvr_threshold.is_finite()) {
+            return Err(bad("upstep.cvr_threshold", format!("must be a finite number ≥ 0, got {}", self.cvr_threshold)));
+        }
+        Ok(())
+    }
+
+    /// Checks K against the training images (known once the data source is open).
+    pub fn check_images(&self, images: usize) -> Result<(), FieldError> {
+        if self.centres > images {
+            return Err(bad(
+                "upstep.centres",
+                format!("{} centres need at least as many training images; the data has {images}", self.centres),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Length, seed, checkpoints and logging.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -310,7 +442,7 @@ impl Default for RunSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct PretrainConfig {
-    /// `dinov2` (default) or `mae`.
+    /// `dinov2` (default), `mae` or `upstep`.
     pub objective: Objective,
     pub model: ModelSection,
     pub plan: PlanSpec,
@@ -320,6 +452,7 @@ pub struct PretrainConfig {
     pub head: HeadConfig,
     pub loss: LossConfig,
     pub mae: MaeSection,
+    pub upstep: UpstepSection,
     pub optim: OptimSection,
     pub monitor: MonitorSection,
     pub evaluate: EvaluateSection,
@@ -462,7 +595,7 @@ impl PretrainConfig {
     /// AdamW betas: `optim.betas`, else the objective's default.
     pub fn betas(&self) -> [f64; 2] {
         self.optim.betas.unwrap_or(match self.objective {
-            Objective::Dinov2 => [0.9, 0.999],
+            Objective::Dinov2 | Objective::Upstep => [0.9, 0.999],
             Objective::Mae => [0.9, 0.95],
         })
     }
@@ -472,18 +605,31 @@ impl PretrainConfig {
         self.optim.weight_decay.unwrap_or(match self.objective {
             Objective::Dinov2 => [0.04, 0.4],
             Objective::Mae => [0.0, 0.0],
+            Objective::Upstep => [0.05, 0.05],
         })
     }
 
     /// The run's adaptation plan on `vit`: `[plan]` resolved, with the MAE objective's rule
     /// that the encoder's mask token stays frozen unless asked for (MAE's encoder never sees
     /// it: masked patches are dropped, not replaced).
+    /// UpStep's default plan (when `[plan]` is left as it comes) is LoRA r=8 on Q, K, V of
+    /// every block and nothing else.
     pub fn resolve_plan(&self, vit: &VitConfig) -> Result<crate::peft::AdaptationPlan, FieldError> {
-        let mut plan = self.plan.resolve(vit)?;
+        let mut plan = if self.objective == Objective::Upstep && self.plan == PlanSpec::default() {
+            Self::upstep_plan().resolve(vit)?
+        } else {
+            self.plan.resolve(vit)?
+        };
         if self.objective == Objective::Mae && self.plan.mask_token.is_none() {
             plan.mask_token = false;
         }
         Ok(plan)
+    }
+
+    /// The plan UpStep uses when `[plan]` is left at its default: LoRA r=8 on Q, K, V of every
+    /// block, nothing else trainable.
+    pub fn upstep_plan() -> PlanSpec {
+        PlanSpec { preset: "lora".into(), lora_rank: Some(8), lora_targets: Some("q,k,v".into()), ..PlanSpec::default() }
     }
 
     /// Makes every path of the config absolute against `base` (the working directory when the
@@ -581,6 +727,9 @@ impl PretrainConfig {
             return Err(bad("optim.batch", "must be at least 1"));
         }
         self.mae.validate()?;
+        if self.objective == Objective::Upstep {
+            self.upstep.validate()?;
+        }
         if o.accumulation == 0 {
             return Err(bad("optim.accumulation", "must be at least 1"));
         }
@@ -741,6 +890,48 @@ mod tests {
         assert!(!c.resolve_plan(&vits).unwrap().mask_token);
         c.plan.mask_token = Some(true);
         assert!(c.resolve_plan(&vits).unwrap().mask_token);
+    }
+
+    #[test]
+    fn upstep_reads_from_toml_with_its_defaults_plan_and_field_errors() {
+        let c: PretrainConfig =
+            toml::from_str("objective = \"upstep\"\n[model]\narch = \"tiny\"\n[upstep]\ngate = \"loss-below-ema\"\n").unwrap();
+        assert_eq!(c.objective, Objective::Upstep);
+        assert_eq!(c.upstep.gate, Gate::LossBelowEma);
+        assert_eq!((c.upstep.centres, c.upstep.kmeans_iterations, c.upstep.kmeans_sample), (256, 20, 2_000));
+        assert_eq!((c.upstep.ema, c.upstep.temperature, c.upstep.sinkhorn_iterations), (0.996, 0.1, 3));
+        assert_eq!((c.upstep.cvr_weight, c.upstep.gate_ema, c.upstep.cvr_threshold), (1.0, 0.9, 1e-3));
+        assert_eq!(UpstepSection::default().gate, Gate::Alternate);
+        c.validate().unwrap();
+        let back: PretrainConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        let wrong = toml::from_str::<PretrainConfig>("objective = \"upstep\"\n[upstep]\ngate = \"sometimes\"\n").unwrap_err().to_string();
+        assert!(wrong.contains("gate") && wrong.contains("sometimes"), "{wrong}");
+        for (edit, field) in [
+            ((|c: &mut PretrainConfig| c.upstep.cvr_weight = -1.0) as fn(&mut PretrainConfig), "upstep.cvr_weight"),
+            (|c| c.upstep.centres = 1, "upstep.centres"),
+            (|c| c.upstep.kmeans_sample = 100, "upstep.centres"),
+            (|c| c.upstep.temperature = 0.0, "upstep.temperature"),
+            (|c| c.upstep.ema = 1.5, "upstep.ema"),
+            (|c| c.upstep.gate_ema = 1.0, "upstep.gate_ema"),
+        ] {
+            let mut c = c.clone();
+            edit(&mut c);
+            assert_eq!(c.validate().unwrap_err().field, field);
+        }
+        assert_eq!(c.upstep.check_images(100).unwrap_err().field, "upstep.centres");
+        c.upstep.check_images(256).unwrap();
+        // The default plan: LoRA r=8 on Q, K, V of every block, nothing else.
+        let vits = VitConfig::dinov2_vits14();
+        let plan = c.resolve_plan(&vits).unwrap();
+        assert!(plan.blocks.iter().all(|m| *m == crate::peft::BlockMode::Lora));
+        assert_eq!(plan.lora.rank, 8);
+        assert!(plan.lora.targets.q && plan.lora.targets.k && plan.lora.targets.v && !plan.lora.targets.proj);
+        assert!(!plan.norms && !plan.cls_token && !plan.mask_token && !plan.patch_embed);
+        // A plan the user set is kept.
+        let mut mine = c.clone();
+        mine.plan.lora_rank = Some(4);
+        assert_eq!(mine.resolve_plan(&vits).unwrap().lora.rank, 4);
     }
 
     #[test]

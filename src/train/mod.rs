@@ -8,6 +8,7 @@ pub mod objective;
 pub mod pretrain;
 pub mod state;
 pub mod step;
+pub mod upstep_step;
 
 pub use config::{Objective, PretrainConfig};
 pub use pretrain::{PretrainJob, PretrainSummary, pretrain};

@@ -12,6 +12,7 @@ use super::config::{Objective, PretrainConfig};
 use super::mae_step::{MaeState, mae_optimizer_step};
 use super::state::{self, Readable, TrainState};
 use super::step::{StepOutcome, StepValues, optimizer_step};
+use super::upstep_step::{UpstepState, run_centres, strip_adapters, upstep_optimizer_step};
 use crate::checkpoint::load_mae_decoder;
 use crate::data::{CropBatch, ImageSource, MaskConfig, MultiCropConfig, Preprocess, ProceduralDomain};
 use crate::engine::JobContext;
@@ -25,18 +26,32 @@ use crate::objectives::mae::{MaeDecoder, MaeModel, PatchMask, reconstruct, step_
 pub enum Trainer {
     Dino(Box<TrainState>),
     Mae(Box<MaeState>),
+    Upstep(Box<UpstepState>),
 }
 
 impl Trainer {
     /// Step 0 of a run of `config.objective` on `backbone` (the adapted encoder, on the autodiff
     /// device `ad`); `device` is the plain device. For MAE, the decoder comes from the run's
-    /// checkpoint when it carries one, else a fresh one; the log says which.
-    pub fn new(backbone: Vit, config: &PretrainConfig, device: &Device, ad: &Device, ctx: &mut JobContext) -> anyhow::Result<Self> {
+    /// checkpoint when it carries one, else a fresh one; the log says which. For UpStep, the
+    /// centres come from the run folder `run` when it has them, else k-means on `source`.
+    pub fn new(
+        backbone: Vit,
+        config: &PretrainConfig,
+        device: &Device,
+        ad: &Device,
+        source: &dyn ImageSource,
+        run: &Path,
+        ctx: &mut JobContext,
+    ) -> anyhow::Result<Self> {
         Ok(match config.objective {
             Objective::Dinov2 => Trainer::Dino(Box::new(TrainState::new(backbone, config, device))),
             Objective::Mae => {
                 let decoder = mae_decoder(config, &backbone, ad, ctx)?;
                 Trainer::Mae(Box::new(MaeState::new(MaeModel { backbone, decoder }, config)))
+            }
+            Objective::Upstep => {
+                let centres = run_centres(config, &strip_adapters(backbone.clone()), source, run, device, ctx)?;
+                Trainer::Upstep(Box::new(UpstepState::new(backbone, centres, config)))
             }
         })
     }
@@ -46,14 +61,17 @@ impl Trainer {
         match self {
             Trainer::Dino(s) => s.step,
             Trainer::Mae(s) => s.step,
+            Trainer::Upstep(s) => s.step,
         }
     }
 
-    /// The backbone the run monitors and exports: DINOv2's EMA teacher, MAE's encoder.
+    /// The backbone the run monitors and exports: DINOv2's EMA teacher, MAE's encoder,
+    /// UpStep's offline (EMA) model.
     pub fn encoder(&self) -> &Vit {
         match self {
             Trainer::Dino(s) => &s.teacher.backbone,
             Trainer::Mae(s) => &s.model.backbone,
+            Trainer::Upstep(s) => &s.offline.backbone,
         }
     }
 
@@ -62,6 +80,7 @@ impl Trainer {
         match self {
             Trainer::Dino(s) => &s.student.backbone,
             Trainer::Mae(s) => &s.model.backbone,
+            Trainer::Upstep(s) => &s.online.backbone,
         }
     }
 
@@ -83,6 +102,7 @@ impl Trainer {
                 let how = if all { "fresh, trains fully" } else { "from the checkpoint: LoRA on Q,V and norms train" };
                 (format!("MAE decoder (width {}, {} blocks; {how})", d.width(), d.depth()), trainable)
             }
+            Trainer::Upstep(s) => (format!("UpStep: {} fixed k-means centres, no head", s.centres.dims()[0]), 0),
         }
     }
 
@@ -111,6 +131,11 @@ impl Trainer {
                     mae_optimizer_step(*s, config, values, device, profile, |micro| Ok(first_globals(&next_batch(micro)?, ad)))?;
                 (Trainer::Mae(Box::new(s)), outcome)
             }
+            Trainer::Upstep(s) => {
+                let (s, outcome) =
+                    upstep_optimizer_step(*s, config, values, device, profile, |micro| Ok(both_globals(&next_batch(micro)?, ad)))?;
+                (Trainer::Upstep(Box::new(s)), outcome)
+            }
         })
     }
 
@@ -120,7 +145,7 @@ impl Trainer {
             Trainer::Dino(_) => {
                 vec![("lr", values.lr), ("wd", values.weight_decay), ("teacher_temp", values.teacher_temp), ("momentum", values.momentum)]
             }
-            Trainer::Mae(_) => vec![("lr", values.lr), ("wd", values.weight_decay)],
+            Trainer::Mae(_) | Trainer::Upstep(_) => vec![("lr", values.lr), ("wd", values.weight_decay)],
         }
     }
 
@@ -129,6 +154,7 @@ impl Trainer {
         match self {
             Trainer::Dino(s) => state::save(run, s, keep),
             Trainer::Mae(s) => s.save(run, keep),
+            Trainer::Upstep(s) => s.save(run, keep),
         }
     }
 
@@ -137,6 +163,7 @@ impl Trainer {
         Ok(match self {
             Trainer::Dino(s) => Trainer::Dino(Box::new(state::restore(found, *s, device)?)),
             Trainer::Mae(s) => Trainer::Mae(Box::new(s.restore(found, device)?)),
+            Trainer::Upstep(s) => Trainer::Upstep(Box::new(s.restore(found, device)?)),
         })
     }
 
@@ -162,9 +189,13 @@ impl Trainer {
 
 /// The crops and iBOT masks the loader makes for `config`'s objective. MAE sees each image
 /// once, as the first global crop, cropped and flipped only (its reference augmentation): no
-/// local crops, colour jitter, blur, solarisation or iBOT masks.
+/// local crops, colour jitter, blur, solarisation or iBOT masks. UpStep sees the two global
+/// crops with DINOv2's augmentations, no local crops, no masks.
 pub fn loader_crops(config: &PretrainConfig) -> (MultiCropConfig, MaskConfig) {
     match config.objective {
+        Objective::Upstep => {
+            (MultiCropConfig { local_crops: 0, ..config.crops.clone() }, MaskConfig { probability: 0.0, ..config.masks.clone() })
+        }
         Objective::Dinov2 => (config.crops.clone(), config.masks.clone()),
         Objective::Mae => (
             MultiCropConfig {
@@ -234,6 +265,13 @@ fn step_inputs(batch: &CropBatch, patch: usize, capacity: usize, device: &Device
         global_crops: g,
         local_crops: l,
     }
+}
+
+/// Both global crops of every sample `[2B, 3, S, S]` (crop 0 of every sample, then crop 1), on
+/// `device` (UpStep's two views).
+fn both_globals(batch: &CropBatch, device: &Device) -> Tensor<4> {
+    let (b, s) = (batch.batch, batch.global_size as usize);
+    Tensor::from_data(TensorData::new(batch.globals[..2 * b * 3 * s * s].to_vec(), [2 * b, 3, s, s]), device)
 }
 
 /// The first global crop of every sample `[B, 3, S, S]`, on `device` (what MAE reconstructs).

@@ -9,7 +9,8 @@
 //! - `backbone.safetensors` — the teacher (MAE: the encoder) with LoRA merged (explora format:
 //!   `explora embed --weights` and the evaluation commands read it), `adapter.safetensors` —
 //!   its trained tensors only (apply onto the base checkpoint);
-//! - `batch-preview.png`, `report.md`; MAE runs also `reconstructions.png`.
+//! - `batch-preview.png`, `report.md`; MAE runs also `reconstructions.png`, UpStep runs
+//!   `centres.safetensors` (the k-means centres, computed once and reused on resume).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -173,7 +174,8 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     }
     let plan: AdaptationPlan = config.resolve_plan(&vit).map_err(|e| anyhow::anyhow!("[plan] {e}"))?;
     std::fs::write(out.join("config.toml"), config.to_toml()).with_context(|| format!("writing {}/config.toml", out.display()))?;
-    let mut state = Trainer::new(apply_plan(base, &plan)?, &config, device, &ad, ctx)?;
+    let source = source_for(&config)?;
+    let mut state = Trainer::new(apply_plan(base, &plan)?, &config, device, &ad, source.as_ref(), out, ctx)?;
     let (extra, extra_params) = state.extra_module(&config);
     let budget = plan.budget(&vit).with_module(extra, extra_params);
     ctx.info(format!(
@@ -202,7 +204,6 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     let total = config.run.steps;
     let mut metrics = Metrics::open(&out.join("metrics.jsonl"), start)?;
 
-    let source = source_for(&config)?;
     ctx.info(format!("data: {}", source.describe()));
     let accumulation = config.optim.accumulation as u64;
     let (crops, masks) = loader_crops(&config);
@@ -291,7 +292,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
                 let sheet = contact_sheet(crops, Some((&masks, g)));
                 let path = out.join("batch-preview.png");
                 sheet.save(&path).with_context(|| format!("writing {}", path.display()))?;
-                let what = if config.objective == Objective::Mae { "augmented views" } else { "augmented crops and iBOT masks" };
+                let what = if config.objective == Objective::Dinov2 { "augmented crops and iBOT masks" } else { "augmented views" };
                 ctx.artifact(format!("{what}, step {}", step + 1), path);
             }
             Ok(batch)
@@ -338,10 +339,24 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         metrics.write(&line)?;
         ctx.emit(Event::Metrics {
             step: done,
-            values: ["loss", "dino", "ibot", "koleo", "lr", "teacher_temp", "grad_norm", "img_per_s", "gpu_bytes", "knn_top1"]
-                .iter()
-                .filter_map(|k| line.get(*k).and_then(|v| v.as_f64()).map(|v| (k.to_string(), v)))
-                .collect(),
+            values: [
+                "loss",
+                "dino",
+                "ibot",
+                "koleo",
+                "swap",
+                "cvr",
+                "skipped_total",
+                "lr",
+                "teacher_temp",
+                "grad_norm",
+                "img_per_s",
+                "gpu_bytes",
+                "knn_top1",
+            ]
+            .iter()
+            .filter_map(|k| line.get(*k).and_then(|v| v.as_f64()).map(|v| (k.to_string(), v)))
+            .collect(),
         });
         ctx.progress(done, Some(total));
         let every = config.run.checkpoint_every;
@@ -363,7 +378,11 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     let adapted = merge_lora(state.encoder().clone());
     let backbone_path = out.join("backbone.safetensors");
     save_backbone(&adapted, &backbone_path)?;
-    let which = if config.objective == Objective::Mae { "encoder" } else { "teacher" };
+    let which = match config.objective {
+        Objective::Dinov2 => "teacher",
+        Objective::Mae => "encoder",
+        Objective::Upstep => "offline EMA model",
+    };
     ctx.artifact(format!("adapted backbone ({which}, LoRA merged)"), &backbone_path);
     let adapter_path = out.join("adapter.safetensors");
     save_adapter(state.encoder(), &plan, &adapter_path)?;
@@ -471,6 +490,12 @@ fn report_text(
                 format!("2 × {} px global, {} × {} px local", config.crops.global_size, config.crops.local_crops, config.crops.local_size),
             Objective::Mae =>
                 format!("one {} px view per image, {:.0}% of its patches masked", config.crops.global_size, 100.0 * config.mae.mask_ratio),
+            Objective::Upstep => format!(
+                "2 × {} px global views per image against {} k-means centres, gate {}",
+                config.crops.global_size,
+                config.upstep.centres,
+                config.upstep.gate.name()
+            ),
         },
         config.optim.effective_batch(),
         s.steps_done,

@@ -12,4 +12,5 @@ mod parity;
 mod peft;
 mod pretrain;
 mod real_checkpoint;
+mod upstep;
 mod wgsl;

@@ -22,6 +22,12 @@ pub(crate) fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         crate::model::Family::Dinov2 => Objective::Dinov2,
         crate::model::Family::Mae => Objective::Mae,
     });
+    // UpStep's own default plan (LoRA r=8 on Q,K,V) when no plan flag was given.
+    let spec = if objective == Objective::Upstep && spec == crate::peft::PlanSpec::default() {
+        crate::train::PretrainConfig::upstep_plan()
+    } else {
+        spec
+    };
     let mut plan = spec.resolve(&config)?;
     let mut budget = plan.budget(&config);
     if objective == Objective::Mae {
@@ -51,7 +57,7 @@ pub(crate) fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         config.depth,
         config.embed_dim,
         crate::peft::thousands(config.num_params()),
-        args.preset
+        spec.preset
     );
     println!("{:<44} {:>14} {:>8}", "trainable component", "parameters", "%");
     for row in &budget.rows {

@@ -242,6 +242,22 @@ impl AppState {
         self.plan = plan;
     }
 
+    /// Chooses the objective. Switching to UpStep also switches the plan to UpStep's default
+    /// (LoRA r=8 on Q, K, V of every block, nothing else), which the adaptation panel can then
+    /// edit; the other objectives keep the plan as it is.
+    pub fn choose_objective(&mut self, objective: crate::train::Objective) {
+        let before = self.config.objective;
+        self.config.objective = objective;
+        if objective == crate::train::Objective::Upstep
+            && before != objective
+            && let Some(vit) = self.vit.as_ref()
+            && let Ok(plan) = PretrainConfig::upstep_plan().resolve(vit)
+        {
+            self.preset = "lora".into();
+            self.set_plan(plan);
+        }
+    }
+
     pub fn set_block_mode(&mut self, block: usize, mode: BlockMode) {
         self.edit_plan(|p| {
             if let Some(m) = p.blocks.get_mut(block) {
@@ -263,7 +279,7 @@ impl AppState {
         let vit = self.vit.as_ref()?;
         let budget = self.plan.budget(vit);
         Some(match self.config.objective {
-            crate::train::Objective::Dinov2 => budget,
+            crate::train::Objective::Dinov2 | crate::train::Objective::Upstep => budget,
             crate::train::Objective::Mae => {
                 let (component, params) = self.config.mae.budget_row(vit);
                 budget.with_module(component, params)
@@ -319,6 +335,20 @@ mod tests {
         let explora = AdaptationPlan::preset(Preset::Explora, &VitConfig::tiny()).with_unfrozen(&[2, 3]).unwrap();
         assert_eq!(s.plan, explora);
         assert!(s.problems().is_empty(), "{:?}", s.problems());
+    }
+
+    #[test]
+    fn choosing_upstep_switches_to_its_lora_plan() {
+        let mut s = tiny_state();
+        s.choose_objective(crate::train::Objective::Upstep);
+        assert_eq!(s.config.objective, crate::train::Objective::Upstep);
+        assert_eq!(s.plan.lora.rank, 8);
+        assert_eq!(s.plan.lora.targets.to_string(), "q,k,v");
+        assert!(s.plan.blocks.iter().all(|m| *m == BlockMode::Lora) && !s.plan.norms && !s.plan.cls_token);
+        assert_eq!(s.config.resolve_plan(&VitConfig::tiny()).unwrap(), s.plan);
+        // Back to DINOv2: the plan stays as edited.
+        s.choose_objective(crate::train::Objective::Dinov2);
+        assert_eq!(s.plan.lora.rank, 8);
     }
 
     #[test]
