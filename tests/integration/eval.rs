@@ -237,5 +237,5 @@ fn the_shipped_recipes_load_and_fit_their_backbones() {
         seen.push(name);
     }
     seen.sort();
-    assert_eq!(seen, ["eurosat-cpu-mae.toml", "eurosat-cpu.toml", "eurosat-gpu.toml", "source-tiny.toml"]);
+    assert_eq!(seen, ["eurosat-cpu-mae.toml", "eurosat-cpu-upstep.toml", "eurosat-cpu.toml", "eurosat-gpu.toml", "source-tiny.toml"]);
 }
