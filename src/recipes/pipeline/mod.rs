@@ -455,7 +455,8 @@ fn run_comparison(
         }
     };
     let adapted = pre_dir.join("backbone.safetensors");
-    let plan = pre_config.plan.resolve(&vit).map_err(|e| anyhow::anyhow!("[pretrain.plan] {e}"))?;
+    // The plan the run trained (UpStep's own LoRA plan when `[pretrain.plan]` is left out).
+    let plan = pre_config.resolve_plan(&vit).map_err(|e| anyhow::anyhow!("[pretrain.plan] {e}"))?;
     let explora = Variant {
         name: "explora",
         weights: adapted,

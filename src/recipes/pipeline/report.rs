@@ -33,7 +33,7 @@ pub(super) fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &Labe
     md.push_str(&format!(
         "- backbone: `{}`\n- labelled set: `{}` ({} images, {} classes); split {} train / {} val / {} test, seed {}\n\
          - evaluation input: {} px; k-NN on the CLS token (k = {}, T = {}); linear probe on [CLS ‖ mean patch], \
-         {} settings swept, chosen on val\n- ExPLoRA pre-training: {} steps × {} images on {pre_data}, plan `{}`\n\n",
+         {} settings swept, chosen on val\n- pre-training (the `explora` rows): {}, {} steps × {} images on {pre_data}, plan `{}`\n\n",
         config
             .model
             .weights
@@ -50,9 +50,18 @@ pub(super) fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &Labe
         config.knn.k,
         config.knn.temperature,
         config.probe.lrs.len() * config.probe.weight_decays.len(),
+        match pre.objective {
+            crate::train::Objective::Dinov2 => "ExPLoRA with the DINOv2 objective",
+            crate::train::Objective::Mae => "ExPLoRA with the MAE objective",
+            crate::train::Objective::Upstep => "UpStep (explora's interpretation of the abstract)",
+        },
         pre.run.steps,
         pre.optim.effective_batch(),
-        pre.plan.preset,
+        if pre.objective == crate::train::Objective::Upstep && pre.plan == crate::peft::PlanSpec::default() {
+            "UpStep's LoRA r = 8 on Q,K,V".to_string()
+        } else {
+            pre.plan.preset.to_string()
+        },
     ));
     md.push_str("| variant | method | top-1 % | top-5 % | macro-F1 | trained in pre-training | trained in evaluation | images seen | wall time (s) | peak GPU (GiB) | notes |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
