@@ -7,13 +7,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
 
 use super::config::{Objective, PretrainConfig};
 use super::state::{self, Readable};
-use super::step::{StepOutcome, StepValues};
+use super::step::{DeviceSum, PhaseTimer, StepOutcome, StepValues};
 use crate::model::params::accumulate_grads;
 use crate::model::to_vec;
 use crate::objectives::mae::{MaeModel, step_mask};
@@ -70,32 +69,21 @@ pub fn mae_optimizer_step(
 ) -> anyhow::Result<(MaeState, StepOutcome)> {
     let accumulation = config.optim.accumulation as u64;
     let patch = state.model.backbone.config().patch_size;
-    let mut timings = Vec::new();
-    let mut lap = Instant::now();
-    let mut mark = |name: &'static str, timings: &mut Vec<(&'static str, f64)>| {
-        if profile {
-            let _ = device.sync();
-            timings.push((name, lap.elapsed().as_secs_f64() * 1e3));
-            lap = Instant::now();
-        }
-    };
+    let mut timer = PhaseTimer::new(device, profile);
     let mut grads = HashMap::new();
-    let mut total: Option<Tensor<1>> = None;
+    let mut total = DeviceSum::default();
     for micro in 0..accumulation {
         let images = next_images(micro)?;
-        mark("data", &mut timings);
+        timer.mark("data");
         let [b, _, h, w] = images.dims();
         let mask = step_mask(config.run.seed, state.step, micro, b, (h / patch) * (w / patch), config.mae.mask_ratio);
         let (loss, _) = state.model.loss(images, &mask, config.mae.norm_pix);
-        mark("forward", &mut timings);
+        timer.mark("forward");
         let backward = loss.clone().div_scalar(accumulation as f64).backward();
         accumulate_grads(&state.model, &backward, &mut grads);
-        mark("backward", &mut timings);
+        timer.mark("backward");
         let now = loss.detach().inner().div_scalar(accumulation as f64);
-        total = Some(match total.take() {
-            Some(sum) => sum + now,
-            None => now,
-        });
+        total.add(now);
     }
     let (norm, grad_scale) = clip_by_global_norm(&grads, config.optim.clip_grad, device);
     let rule = UpdateRule {
@@ -108,10 +96,9 @@ pub fn mae_optimizer_step(
         freeze_backbone: state.step < config.optim.head_warmup_steps(config.run.steps),
     };
     state.model = state.optim.step(state.model, &grads, &grad_scale, rule);
-    mark("optimizer", &mut timings);
+    timer.mark("optimizer");
     // The one read-back of the step.
-    let total = total.ok_or_else(|| anyhow::anyhow!("optim.accumulation must be at least 1"))?;
-    let read = to_vec(Tensor::cat(vec![total, norm], 0));
+    let read = to_vec(Tensor::cat(vec![total.total()?, norm], 0));
     state.step += 1;
-    Ok((state, StepOutcome { parts: vec![("loss", f64::from(read[0]))], grad_norm: f64::from(read[1]), timings }))
+    Ok((state, StepOutcome { parts: vec![("loss", f64::from(read[0]))], grad_norm: f64::from(read[1]), timings: timer.timings }))
 }

@@ -64,6 +64,48 @@ impl StepOutcome {
     }
 }
 
+/// The wall time of each phase of one step when profiling (`EXPLORA_PROFILE`); each phase
+/// ends with a device sync, so the time is the device's, not the queue's.
+pub(super) struct PhaseTimer<'a> {
+    device: &'a Device,
+    profile: bool,
+    lap: Instant,
+    pub timings: Vec<(&'static str, f64)>,
+}
+
+impl<'a> PhaseTimer<'a> {
+    pub(super) fn new(device: &'a Device, profile: bool) -> Self {
+        Self { device, profile, lap: Instant::now(), timings: Vec::new() }
+    }
+
+    /// Ends phase `name` (a no-op unless profiling).
+    pub(super) fn mark(&mut self, name: &'static str) {
+        if self.profile {
+            let _ = self.device.sync();
+            self.timings.push((name, self.lap.elapsed().as_secs_f64() * 1e3));
+            self.lap = Instant::now();
+        }
+    }
+}
+
+/// A step's values summed over its micro-batches on the device, read back once at the end.
+#[derive(Default)]
+pub(super) struct DeviceSum(Option<Tensor<1>>);
+
+impl DeviceSum {
+    pub(super) fn add(&mut self, now: Tensor<1>) {
+        self.0 = Some(match self.0.take() {
+            Some(sum) => sum + now,
+            None => now,
+        });
+    }
+
+    /// The sum; an error when no micro-batch ran.
+    pub(super) fn total(self) -> anyhow::Result<Tensor<1>> {
+        self.0.ok_or_else(|| anyhow::anyhow!("optim.accumulation must be at least 1"))
+    }
+}
+
 /// Runs optimizer step `state.step` (0-based) with the schedule `values`, pulling
 /// `config.optim.accumulation` micro-batches from `next_inputs(micro)` (already on the
 /// autodiff device). Advances `state.step`. `device` is the plain (non-autodiff) device.
@@ -76,32 +118,21 @@ pub fn optimizer_step(
     mut next_inputs: impl FnMut(u64) -> anyhow::Result<StepInputs>,
 ) -> anyhow::Result<(TrainState, StepOutcome)> {
     let accumulation = config.optim.accumulation as u64;
-    let mut timings = Vec::new();
-    let mut lap = Instant::now();
-    let mut mark = |name: &'static str, timings: &mut Vec<(&'static str, f64)>| {
-        if profile {
-            let _ = device.sync();
-            timings.push((name, lap.elapsed().as_secs_f64() * 1e3));
-            lap = Instant::now();
-        }
-    };
+    let mut timer = PhaseTimer::new(device, profile);
     let mut grads = HashMap::new();
-    let mut parts: Option<Tensor<1>> = None;
+    let mut parts = DeviceSum::default();
     for micro in 0..accumulation {
         let inputs = next_inputs(micro)?;
-        mark("data", &mut timings);
+        timer.mark("data");
         let (loss, centers) = step_loss(&state.student, &state.teacher, &inputs, &state.centers, &config.loss, values.teacher_temp);
         state.centers = centers;
-        mark("forward", &mut timings);
+        timer.mark("forward");
         let backward = loss.total.clone().div_scalar(accumulation as f64).backward();
         accumulate_grads(&state.student, &backward, &mut grads);
-        mark("backward", &mut timings);
+        timer.mark("backward");
         let now = Tensor::cat(vec![loss.total.detach().inner(), loss.dino.inner(), loss.ibot.inner(), loss.koleo.inner()], 0)
             .div_scalar(accumulation as f64);
-        parts = Some(match parts.take() {
-            Some(sum) => sum + now,
-            None => now,
-        });
+        parts.add(now);
     }
     let (norm, grad_scale) = clip_by_global_norm(&grads, config.optim.clip_grad, device);
     let rule = UpdateRule {
@@ -113,16 +144,15 @@ pub fn optimizer_step(
         freeze_backbone: state.step < config.optim.head_warmup_steps(config.run.steps),
     };
     state.student = state.optim.step(state.student, &grads, &grad_scale, rule);
-    mark("optimizer", &mut timings);
+    timer.mark("optimizer");
     state.teacher = ema_update(state.teacher, &state.student, values.momentum);
-    mark("ema", &mut timings);
+    timer.mark("ema");
     // The one read-back of the step.
-    let parts = parts.ok_or_else(|| anyhow::anyhow!("optim.accumulation must be at least 1"))?;
-    let read = to_vec(Tensor::cat(vec![parts, norm], 0));
+    let read = to_vec(Tensor::cat(vec![parts.total()?, norm], 0));
     state.step += 1;
     let f = |i: usize| f64::from(read[i]);
     let parts = vec![("loss", f(0)), ("dino", f(1)), ("ibot", f(2)), ("koleo", f(3))];
-    Ok((state, StepOutcome { parts, grad_norm: f(4), timings }))
+    Ok((state, StepOutcome { parts, grad_norm: f(4), timings: timer.timings }))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::{Gate, Objective, PretrainConfig};
 use super::state::{self, Readable};
-use super::step::{StepOutcome, StepValues};
+use super::step::{DeviceSum, PhaseTimer, StepOutcome, StepValues};
 use crate::checkpoint::{Metadata, RawTensor, TensorMap, read_safetensors, write_safetensors};
 use crate::data::{ImageSource, Preprocess};
 use crate::engine::JobContext;
@@ -248,25 +248,17 @@ pub fn upstep_optimizer_step(
 ) -> anyhow::Result<(UpstepState, StepOutcome)> {
     let u = &config.upstep;
     let accumulation = config.optim.accumulation as u64;
-    let mut timings = Vec::new();
-    let mut lap = Instant::now();
-    let mut mark = |name: &'static str, timings: &mut Vec<(&'static str, f64)>| {
-        if profile {
-            let _ = device.sync();
-            timings.push((name, lap.elapsed().as_secs_f64() * 1e3));
-            lap = Instant::now();
-        }
-    };
+    let mut timer = PhaseTimer::new(device, profile);
     let mut skip = gate_before(u.gate, state.step);
     let mut gated_loss = None;
     let mut grads = HashMap::new();
-    let mut parts: Option<Tensor<1>> = None;
+    let mut parts = DeviceSum::default();
     let mut backward_passes = 0u64;
     let centres = state.centres.clone();
     let centres_ad = centres.clone().autodiff();
     for micro in 0..accumulation {
         let views = next_views(micro)?;
-        mark("data", &mut timings);
+        timer.mark("data");
         let b = views.dims()[0] / 2;
         let online = state.online.backbone.forward(views.clone(), ForwardOptions::default()).cls;
         let plain = views.inner();
@@ -282,7 +274,7 @@ pub fn upstep_optimizer_step(
         let c_base = mean_direction(base);
         let cvr = centre_drift(c.clone(), c_base.clone().autodiff());
         let loss = swap.clone() + cvr.clone().mul_scalar(u.cvr_weight);
-        mark("forward", &mut timings);
+        timer.mark("forward");
         if skip.is_none() {
             // The one extra read-back of a data-dependent gate.
             let read = to_vec(Tensor::cat(vec![loss.clone().detach().inner(), cvr.clone().detach().inner()], 0));
@@ -298,7 +290,7 @@ pub fn upstep_optimizer_step(
             let backward = loss.clone().div_scalar(accumulation as f64).backward();
             backward_passes += 1;
             accumulate_grads(&state.online, &backward, &mut grads);
-            mark("backward", &mut timings);
+            timer.mark("backward");
         }
         let norm = |x: Tensor<2>| x.powf_scalar(2.0).sum().sqrt();
         let now = Tensor::cat(
@@ -306,10 +298,7 @@ pub fn upstep_optimizer_step(
             0,
         )
         .div_scalar(accumulation as f64);
-        parts = Some(match parts.take() {
-            Some(sum) => sum + now,
-            None => now,
-        });
+        parts.add(now);
     }
     let skipped = skip.unwrap_or(false);
     let norm = if skipped {
@@ -325,14 +314,13 @@ pub fn upstep_optimizer_step(
             freeze_backbone: false,
         };
         state.online = state.optim.step(state.online, &grads, &grad_scale, rule);
-        mark("optimizer", &mut timings);
+        timer.mark("optimizer");
         state.offline = ema_update(state.offline, &state.online, u.ema);
-        mark("ema", &mut timings);
+        timer.mark("ema");
         norm
     };
     // The read-back of the step.
-    let parts = parts.ok_or_else(|| anyhow::anyhow!("optim.accumulation must be at least 1"))?;
-    let read = to_vec(Tensor::cat(vec![parts, norm], 0));
+    let read = to_vec(Tensor::cat(vec![parts.total()?, norm], 0));
     let f = |i: usize| f64::from(read[i]);
     if let Some(l) = gated_loss {
         state.gate.loss_ema = Some(match state.gate.loss_ema {
@@ -351,5 +339,5 @@ pub fn upstep_optimizer_step(
     if let Some(ema) = state.gate.loss_ema {
         out.push(("loss_ema", f64::from(ema)));
     }
-    Ok((state, StepOutcome { parts: out, grad_norm: f(5), timings }))
+    Ok((state, StepOutcome { parts: out, grad_norm: f(5), timings: timer.timings }))
 }
