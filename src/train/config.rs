@@ -209,6 +209,18 @@ impl Objective {
             Objective::Upstep => "upstep",
         }
     }
+
+    /// Whether this objective trains its own plan instead of `spec`: UpStep when the plan is
+    /// left at its default.
+    pub fn uses_own_plan(self, spec: &PlanSpec) -> bool {
+        self == Objective::Upstep && *spec == PlanSpec::default()
+    }
+
+    /// The plan a run of this objective trains for `spec`: UpStep's own
+    /// ([`PretrainConfig::upstep_plan`]) when [`Self::uses_own_plan`], otherwise `spec`.
+    pub fn plan_spec(self, spec: PlanSpec) -> PlanSpec {
+        if self.uses_own_plan(&spec) { PretrainConfig::upstep_plan() } else { spec }
+    }
 }
 
 impl std::fmt::Display for Objective {
@@ -615,11 +627,7 @@ impl PretrainConfig {
     /// UpStep's default plan (when `[plan]` is left as it comes) is LoRA r=8 on Q, K, V of
     /// every block and nothing else.
     pub fn resolve_plan(&self, vit: &VitConfig) -> Result<crate::peft::AdaptationPlan, FieldError> {
-        let mut plan = if self.objective == Objective::Upstep && self.plan == PlanSpec::default() {
-            Self::upstep_plan().resolve(vit)?
-        } else {
-            self.plan.resolve(vit)?
-        };
+        let mut plan = self.objective.plan_spec(self.plan.clone()).resolve(vit)?;
         if self.objective == Objective::Mae && self.plan.mask_token.is_none() {
             plan.mask_token = false;
         }

@@ -23,11 +23,7 @@ pub(crate) fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         crate::model::Family::Mae => Objective::Mae,
     });
     // UpStep's own default plan (LoRA r=8 on Q,K,V) when no plan flag was given.
-    let spec = if objective == Objective::Upstep && spec == crate::peft::PlanSpec::default() {
-        crate::train::PretrainConfig::upstep_plan()
-    } else {
-        spec
-    };
+    let spec = objective.plan_spec(spec);
     let mut plan = spec.resolve(&config)?;
     let mut budget = plan.budget(&config);
     if objective == Objective::Mae {

@@ -57,11 +57,7 @@ pub(super) fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &Labe
         },
         pre.run.steps,
         pre.optim.effective_batch(),
-        if pre.objective == crate::train::Objective::Upstep && pre.plan == crate::peft::PlanSpec::default() {
-            "UpStep's LoRA r = 8 on Q,K,V".to_string()
-        } else {
-            pre.plan.preset.to_string()
-        },
+        if pre.objective.uses_own_plan(&pre.plan) { "UpStep's LoRA r = 8 on Q,K,V".to_string() } else { pre.plan.preset.to_string() },
     ));
     md.push_str("| variant | method | top-1 % | top-5 % | macro-F1 | trained in pre-training | trained in evaluation | images seen | wall time (s) | peak GPU (GiB) | notes |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
