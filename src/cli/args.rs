@@ -288,7 +288,8 @@ pub struct PretrainArgs {
     /// Micro-batches per optimizer step (effective batch = batch × accumulation).
     #[arg(long)]
     pub accumulation: Option<usize>,
-    /// Base learning rate at the reference batch (1024; sqrt-scaled to the effective batch).
+    /// Base learning rate at the reference batch (default per objective: DINOv2 1e-3 at 1,024
+    /// images, sqrt-scaled to the effective batch; MAE 4.5e-4 at 256, scaled linearly).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Blocks to unfreeze fully (0-based, comma-separated; default: the last).
@@ -372,6 +373,10 @@ pub struct PipelineArgs {
     /// Also fine-tune both variants with LoRA (rank 8) when the config has no [finetune].
     #[arg(long)]
     pub finetune: bool,
+    /// Pre-train once per objective (comma-separated: dinov2,mae,upstep), each from the same
+    /// [pretrain] settings, and report each beside the source backbone (overrides objectives).
+    #[arg(long, value_delimiter = ',')]
+    pub objectives: Option<Vec<crate::train::Objective>>,
     /// Seed of the split, the probe and the runs (overrides data.seed).
     #[arg(long)]
     pub seed: Option<u64>,

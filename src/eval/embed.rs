@@ -44,6 +44,35 @@ impl Features {
         self.cls.chunks(d).zip(self.patch_mean.chunks(d)).flat_map(|(c, p)| c.iter().chain(p).copied()).collect()
     }
 
+    /// Each row of `self` and of `other` (the same images, in the same order) L2-normalised,
+    /// then concatenated: the features of an ensemble of the two backbones, whose cosine
+    /// similarity is the mean of theirs.
+    pub fn concat_normalized(&self, other: &Features) -> Features {
+        fn join(a: &[f32], da: usize, b: &[f32], db: usize) -> Vec<f32> {
+            fn push_unit(out: &mut Vec<f32>, row: &[f32]) {
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                out.extend(row.iter().map(|v| v / norm));
+            }
+            let mut out = Vec::with_capacity(a.len() + b.len());
+            for (x, y) in a.chunks(da).zip(b.chunks(db)) {
+                push_unit(&mut out, x);
+                push_unit(&mut out, y);
+            }
+            out
+        }
+        debug_assert_eq!(self.paths, other.paths, "an ensemble of features of the same images");
+        Features {
+            dim: self.dim + other.dim,
+            cls: join(&self.cls, self.dim, &other.cls, other.dim),
+            patch_mean: join(&self.patch_mean, self.dim, &other.patch_mean, other.dim),
+            paths: self.paths.clone(),
+            labels: self.labels.clone(),
+            classes: self.classes.clone(),
+            skipped: self.skipped.clone(),
+            stopped: self.stopped || other.stopped,
+        }
+    }
+
     /// The class index of every row (an image without a label is an error).
     pub fn labels(&self) -> anyhow::Result<Vec<usize>> {
         self.labels.iter().zip(&self.paths).map(|(l, p)| l.ok_or_else(|| anyhow::anyhow!("{} has no class label", p.display()))).collect()
@@ -202,4 +231,39 @@ pub fn cached(
         features.save_keyed(path, Some(key))?;
     }
     Ok(features)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn features(dim: usize, cls: Vec<f32>) -> Features {
+        let n = cls.len() / dim;
+        Features {
+            dim,
+            patch_mean: cls.iter().map(|v| 2.0 * v).collect(),
+            cls,
+            paths: (0..n).map(|i| PathBuf::from(format!("{i}.png"))).collect(),
+            labels: vec![Some(0); n],
+            classes: vec!["a".into()],
+            skipped: SkipReport::default(),
+            stopped: false,
+        }
+    }
+
+    #[test]
+    fn an_ensemble_concatenates_each_backbones_unit_rows() {
+        let a = features(2, vec![3.0, 4.0, 0.0, 2.0]);
+        let b = features(1, vec![-5.0, 0.5]);
+        let e = a.concat_normalized(&b);
+        assert_eq!(e.dim, 3);
+        assert_eq!(e.cls, [0.6, 0.8, -1.0, 0.0, 1.0, 1.0]);
+        assert_eq!(e.patch_mean, e.cls, "each half is normalised, so the scale of the input goes");
+        assert_eq!(e.len(), 2);
+        // The cosine of two ensemble rows is the mean of the two backbones' cosines.
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+        let (r0, r1) = (&e.cls[0..3], &e.cls[3..6]);
+        let cos = dot(r0, r1) / (dot(r0, r0).sqrt() * dot(r1, r1).sqrt());
+        assert!((cos - (0.8 + -1.0) / 2.0).abs() < 1e-6, "{cos}");
+    }
 }

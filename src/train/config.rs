@@ -73,9 +73,13 @@ pub struct OptimSection {
     pub batch: usize,
     /// Micro-batches per optimizer step (effective batch = batch × accumulation).
     pub accumulation: usize,
-    /// Peak learning rate at `reference_batch`; scaled by sqrt(effective / reference).
-    pub base_lr: f64,
-    pub reference_batch: usize,
+    /// Peak learning rate at `reference_batch`, scaled to the effective batch by `lr_scaling`.
+    /// Default: DINOv2's 1e-3 at 1,024 images, square-root scaling; MAE's 4.5e-4 at 256,
+    /// linear scaling (lr = 4.5e-4 × batch / 256) with `objective = "mae"`. A value given wins.
+    pub base_lr: Option<f64>,
+    pub reference_batch: Option<usize>,
+    /// How the peak lr follows the effective batch: `sqrt` (DINOv2, UpStep) or `linear` (MAE).
+    pub lr_scaling: Option<LrScaling>,
     pub min_lr: f64,
     pub warmup_steps: u64,
     /// Weight decay, cosine from the first to the second value (none on biases, norms and
@@ -105,8 +109,9 @@ impl Default for OptimSection {
         Self {
             batch: 32,
             accumulation: 32,
-            base_lr: 1e-3,
-            reference_batch: 1024,
+            base_lr: None,
+            reference_batch: None,
+            lr_scaling: None,
             min_lr: 1e-6,
             warmup_steps: 12_500,
             weight_decay: None,
@@ -126,15 +131,20 @@ impl OptimSection {
         self.batch * self.accumulation
     }
 
-    /// The peak learning rate after sqrt scaling to the effective batch.
     /// Steps of a `steps`-step run during which only the head trains.
     pub fn head_warmup_steps(&self, steps: u64) -> u64 {
         (self.head_warmup * steps as f64).round() as u64
     }
+}
 
-    pub fn peak_lr(&self) -> f64 {
-        self.base_lr * (self.effective_batch() as f64 / self.reference_batch as f64).sqrt()
-    }
+/// How the peak learning rate follows the effective batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScaling {
+    /// `base_lr × sqrt(batch / reference_batch)` (DINOv2).
+    Sqrt,
+    /// `base_lr × batch / reference_batch` (MAE).
+    Linear,
 }
 
 /// Optional k-NN monitor on a small labelled set (as DINO does), written to the metrics.
@@ -498,8 +508,8 @@ impl PretrainConfig {
         c.optim.batch = 16;
         c.optim.accumulation = 1;
         // A small effective batch trains a tiny model faster with twice the un-scaled paper lr.
-        c.optim.reference_batch = 16;
-        c.optim.base_lr = 2e-3;
+        c.optim.reference_batch = Some(16);
+        c.optim.base_lr = Some(2e-3);
         c.optim.warmup_steps = 10;
         c.optim.freeze_last_layer_steps = 5;
         c.optim.momentum = [0.99, 1.0];
@@ -520,7 +530,7 @@ impl PretrainConfig {
         let mut c = Self::builtin();
         c.crops.local_crops = 2;
         c.optim.batch = 8;
-        c.optim.reference_batch = 8;
+        c.optim.reference_batch = Some(8);
         c.monitor.knn_every = 12;
         c.monitor.knn_max_images = 100;
         c.run.steps = 24;
@@ -610,6 +620,28 @@ impl PretrainConfig {
             Objective::Dinov2 | Objective::Upstep => [0.9, 0.999],
             Objective::Mae => [0.9, 0.95],
         })
+    }
+
+    /// The peak-lr rule: `optim.base_lr`, `optim.reference_batch` and `optim.lr_scaling`, each
+    /// else the objective's default (DINOv2 and UpStep: 1e-3 at 1,024, sqrt; MAE: 4.5e-4 at 256,
+    /// linear).
+    pub fn lr_rule(&self) -> (f64, usize, LrScaling) {
+        let (lr, reference, scaling) = match self.objective {
+            Objective::Dinov2 | Objective::Upstep => (1e-3, 1024, LrScaling::Sqrt),
+            Objective::Mae => (4.5e-4, 256, LrScaling::Linear),
+        };
+        let o = &self.optim;
+        (o.base_lr.unwrap_or(lr), o.reference_batch.unwrap_or(reference), o.lr_scaling.unwrap_or(scaling))
+    }
+
+    /// The peak learning rate: the base lr scaled to the effective batch.
+    pub fn peak_lr(&self) -> f64 {
+        let (lr, reference, scaling) = self.lr_rule();
+        let ratio = self.optim.effective_batch() as f64 / reference.max(1) as f64;
+        match scaling {
+            LrScaling::Sqrt => lr * ratio.sqrt(),
+            LrScaling::Linear => lr * ratio,
+        }
     }
 
     /// Weight decay (start, end of the cosine): `optim.weight_decay`, else the objective's default.
@@ -741,14 +773,14 @@ impl PretrainConfig {
         if o.accumulation == 0 {
             return Err(bad("optim.accumulation", "must be at least 1"));
         }
-        if !(o.base_lr > 0.0 && o.base_lr.is_finite()) {
+        if o.base_lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
             return Err(bad("optim.base_lr", "must be a positive number"));
         }
-        if o.reference_batch == 0 {
+        if o.reference_batch == Some(0) {
             return Err(bad("optim.reference_batch", "must be at least 1"));
         }
-        if !(o.min_lr >= 0.0 && o.min_lr <= o.peak_lr()) {
-            return Err(bad("optim.min_lr", format!("must be in [0, peak lr {:.3e}]", o.peak_lr())));
+        if !(o.min_lr >= 0.0 && o.min_lr <= self.peak_lr()) {
+            return Err(bad("optim.min_lr", format!("must be in [0, peak lr {:.3e}]", self.peak_lr())));
         }
         if self.weight_decay().iter().any(|w| !(*w >= 0.0)) {
             return Err(bad("optim.weight_decay", "must be ≥ 0"));
@@ -826,7 +858,7 @@ mod tests {
     fn partial_files_keep_defaults_and_errors_name_the_field() {
         let c: PretrainConfig = toml::from_str("[model]\narch = \"tiny\"\n[optim]\nbatch = 8\n").unwrap();
         assert_eq!(c.optim.batch, 8);
-        assert_eq!(c.optim.base_lr, 1e-3);
+        assert_eq!(c.lr_rule().0, 1e-3);
         assert_eq!(c.head.prototypes, 65_536);
         let unknown = toml::from_str::<PretrainConfig>("[optim]\nbatchsize = 8\n").unwrap_err().to_string();
         assert!(unknown.contains("batchsize"), "{unknown}");
@@ -943,8 +975,21 @@ mod tests {
     }
 
     #[test]
-    fn lr_scales_with_the_square_root_of_the_batch() {
-        let o = OptimSection { batch: 32, accumulation: 8, ..Default::default() };
-        assert!((o.peak_lr() - 1e-3 * 0.5).abs() < 1e-12);
+    fn the_peak_lr_follows_each_objectives_rule_unless_one_is_given() {
+        let mut c = PretrainConfig { optim: OptimSection { batch: 32, accumulation: 8, ..Default::default() }, ..Default::default() };
+        c.model.arch = Some("tiny".into());
+        // DINOv2: 1e-3 at 1,024 images, square-root scaling.
+        assert!((c.peak_lr() - 1e-3 * 0.5).abs() < 1e-12);
+        // MAE: 4.5e-4 × batch / 256.
+        c.objective = Objective::Mae;
+        assert!((c.peak_lr() - 4.5e-4).abs() < 1e-12);
+        // A value given wins over the objective's.
+        c.optim.base_lr = Some(1e-4);
+        c.optim.lr_scaling = Some(LrScaling::Sqrt);
+        assert!((c.peak_lr() - 1e-4).abs() < 1e-12);
+        let text = c.to_toml();
+        assert!(text.contains("lr_scaling = \"sqrt\""), "{text}");
+        c.optim.base_lr = Some(-1.0);
+        assert_eq!(c.validate().unwrap_err().field, "optim.base_lr");
     }
 }

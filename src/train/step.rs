@@ -34,7 +34,7 @@ impl StepValues {
         let (o, l, total) = (&config.optim, &config.loss, config.run.steps);
         let wd = config.weight_decay();
         Self {
-            lr: warmup_cosine(o.peak_lr(), o.min_lr, o.warmup_steps, step, total),
+            lr: warmup_cosine(config.peak_lr(), o.min_lr, o.warmup_steps, step, total),
             weight_decay: cosine(wd[0], wd[1], step, total),
             momentum: cosine(o.momentum[0], o.momentum[1], step, total),
             teacher_temp: linear(l.teacher_temp[0], l.teacher_temp[1], step, l.teacher_temp_warmup_steps),
@@ -165,10 +165,10 @@ mod tests {
         c.run.steps = 100;
         c.optim.warmup_steps = 10;
         let first = StepValues::at(&c, 0);
-        assert!((first.lr - c.optim.peak_lr() / 10.0).abs() < 1e-12);
-        assert!((StepValues::at(&c, 9).lr - c.optim.peak_lr()).abs() < 1e-12);
+        assert!((first.lr - c.peak_lr() / 10.0).abs() < 1e-12);
+        assert!((StepValues::at(&c, 9).lr - c.peak_lr()).abs() < 1e-12);
         let mid = StepValues::at(&c, 50).lr;
-        assert!(mid < c.optim.peak_lr() && mid > c.optim.min_lr);
+        assert!(mid < c.peak_lr() && mid > c.optim.min_lr);
         assert!((first.weight_decay - c.weight_decay()[0]).abs() < 1e-12);
         assert!((first.momentum - c.optim.momentum[0]).abs() < 1e-12);
         assert_eq!(first.teacher_temp, c.loss.teacher_temp[0]);

@@ -239,3 +239,61 @@ fn the_shipped_recipes_load_and_fit_their_backbones() {
     seen.sort();
     assert_eq!(seen, ["eurosat-cpu-mae.toml", "eurosat-cpu-upstep.toml", "eurosat-cpu.toml", "eurosat-gpu.toml", "source-tiny.toml"]);
 }
+
+#[test]
+fn pipeline_runs_each_objective_beside_the_source_in_one_report() {
+    use explora::train::Objective;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut config = tiny_pipeline();
+    config.objectives = vec![Objective::Dinov2, Objective::Mae, Objective::Upstep];
+    config.pretrain.mae.decoder_width = 32;
+    config.pretrain.mae.decoder_depth = 1;
+    config.pretrain.mae.decoder_heads = 2;
+    config.pretrain.upstep.centres = 8;
+    config.pretrain.upstep.kmeans_iterations = 3;
+    let (summary, logs) = run(&config, &out);
+    assert!(!summary.stopped);
+    let variants: Vec<&str> = summary.rows.iter().filter(|r| r.method == "knn").map(|r| r.variant.as_str()).collect();
+    assert_eq!(variants, ["source", "explora-dinov2", "explora-mae", "explora-upstep", "explora-upstep+source"]);
+    assert_eq!(summary.rows.len(), 2 * variants.len());
+    for objective in ["dinov2", "mae", "upstep"] {
+        assert!(out.join(format!("pretrain-{objective}/backbone.safetensors")).exists(), "{objective}");
+        let run: explora::train::PretrainConfig =
+            explora::train::PretrainConfig::load(&out.join(format!("pretrain-{objective}/config.toml"))).unwrap();
+        assert_eq!(run.objective.name(), objective);
+    }
+    assert!(logs.iter().any(|l| l.contains("pre-training with the mae objective")), "{logs:#?}");
+    // Each adapted variant and method against the source row, on the same test images.
+    let deltas = summary.deltas();
+    assert_eq!(deltas.len(), 8);
+    assert!(deltas.iter().all(|d| d.interval.is_some()));
+    let source_knn = summary.rows[0].top1;
+    assert!(deltas.iter().filter(|d| d.method == "knn").all(|d| d.source_top1 == source_knn));
+    assert!(summary.headline().contains("explora-mae knn: "), "{}", summary.headline());
+    // The ensemble's features are the base and the adapted ones side by side: its probe reads
+    // twice the width (CLS ‖ mean patch of each), and it trained what UpStep trained.
+    let probe = |variant: &str| summary.rows.iter().find(|r| r.variant == variant && r.method == "linear-probe").unwrap();
+    let (single, ensemble) = (probe("explora-upstep"), probe("explora-upstep+source"));
+    assert_eq!(ensemble.eval_trainable - 5, 2 * (single.eval_trainable - 5));
+    assert_eq!(ensemble.pretrain_trainable, single.pretrain_trainable);
+    assert!(single.pretrain_trainable > 0 && probe("explora-mae").pretrain_trainable > 0);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for line in [
+        "the `explora-dinov2` rows): ExPLoRA with the DINOv2 objective",
+        "the `explora-mae` rows): ExPLoRA with the MAE objective",
+        "the `explora-upstep` rows): UpStep",
+        "| explora-upstep+source | knn |",
+    ] {
+        assert!(md.contains(line), "{line} not in\n{md}");
+    }
+
+    let mut twice = tiny_pipeline();
+    twice.objectives = vec![Objective::Mae, Objective::Mae];
+    assert!(format!("{:#}", twice.validate().unwrap_err()).contains("`objectives` `mae` is named twice"));
+    use clap::Parser;
+    let args = explora::cli::Cli::try_parse_from(["explora", "pipeline", "--objectives", "dinov2,upstep"]).unwrap();
+    let Some(explora::cli::Command::Pipeline(args)) = args.command else { panic!("not a pipeline command") };
+    let config = explora::cli::pipeline_config(&args, false).unwrap();
+    assert_eq!(config.objectives, [Objective::Dinov2, Objective::Upstep]);
+}

@@ -27,7 +27,7 @@ fn snapshots() -> PathBuf {
 fn small_config() -> PretrainConfig {
     let mut c = crate::common::small_config(5_000);
     c.optim.batch = 4;
-    c.optim.reference_batch = 4;
+    c.optim.reference_batch = Some(4);
     c.optim.warmup_steps = 1;
     c.monitor.knn_every = 2;
     c.monitor.knn_max_images = 16;

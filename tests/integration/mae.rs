@@ -23,7 +23,7 @@ fn mae_config(steps: u64) -> PretrainConfig {
     c.mae.decoder_width = 32;
     c.mae.decoder_depth = 1;
     c.mae.decoder_heads = 2;
-    c.optim.reference_batch = 8;
+    c.optim.reference_batch = Some(8);
     c
 }
 

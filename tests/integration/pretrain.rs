@@ -151,7 +151,7 @@ fn the_loss_falls_on_procedural_tiles() {
     let dir = tempfile::tempdir().unwrap();
     // Sinkhorn-Knopp targets (the built-in run's choice for a tiny random backbone).
     let mut config = small_config(30);
-    config.optim.base_lr = 2e-3;
+    config.optim.base_lr = Some(2e-3);
     config.loss.centering = explora::objectives::Centering::SinkhornKnopp;
     let summary = run_quietly(config, dir.path(), false).unwrap();
     assert_eq!(summary.steps_done, 30);

@@ -23,7 +23,7 @@ fn upstep_config(steps: u64, gate: Gate) -> PretrainConfig {
     c.upstep.centres = 8;
     c.upstep.kmeans_iterations = 5;
     c.upstep.gate = gate;
-    c.optim.reference_batch = 8;
+    c.optim.reference_batch = Some(8);
     c
 }
 
@@ -36,7 +36,7 @@ fn a_tiny_upstep_run_finishes_and_writes_backbone_adapter_and_centres() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let mut config = upstep_config(8, Gate::Alternate);
-    config.optim.base_lr = 1e-2;
+    config.optim.base_lr = Some(1e-2);
     let (result, log) = run_logged(PretrainJob { config, out: out.clone(), resume: false });
     let summary = result.unwrap();
     assert_eq!(summary.steps_done, 8);
@@ -121,7 +121,7 @@ fn the_centroid_regulariser_keeps_the_online_embeddings_near_the_base() {
     let drift = |weight: f64| {
         let out = dir.path().join(format!("cvr-{weight}"));
         let mut config = upstep_config(10, Gate::Off);
-        config.optim.base_lr = 5e-2;
+        config.optim.base_lr = Some(5e-2);
         config.optim.warmup_steps = 0;
         config.upstep.cvr_weight = weight;
         run_quietly(config, &out, false).unwrap();

@@ -37,6 +37,9 @@ pub fn pipeline_config(args: &PipelineArgs, software: bool) -> anyhow::Result<cr
     if let Some(v) = args.seed {
         c.data.seed = v;
     }
+    if let Some(objectives) = &args.objectives {
+        c.objectives = objectives.clone();
+    }
     if args.finetune && c.finetune.is_none() {
         c.finetune = Some(Default::default());
     }

@@ -31,7 +31,9 @@ pub fn pretrain_config(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
     let o = &mut c.optim;
     o.batch = args.batch.unwrap_or(o.batch);
     o.accumulation = args.accumulation.unwrap_or(o.accumulation);
-    o.base_lr = args.lr.unwrap_or(o.base_lr);
+    if args.lr.is_some() {
+        o.base_lr = args.lr;
+    }
     if args.unfreeze.is_some() {
         c.plan.unfreeze = args.unfreeze.clone();
     }

@@ -27,8 +27,6 @@ pub(super) fn cache_key(weights: &Path, size: u32, items: &[(PathBuf, usize)]) -
     format!("{}|{}|{:?}|size={size}|n={}|{digest}", weights.display(), meta.map_or(0, |m| m.len()), modified, items.len(),)
 }
 
-/// k-NN, linear probe (and fine-tuning) of one variant; false if a stop command came.
-#[allow(clippy::too_many_arguments)]
 /// What every variant of one comparison is evaluated on.
 pub(super) struct Setting<'a> {
     pub(super) config: &'a PipelineConfig,
@@ -40,18 +38,38 @@ pub(super) struct Setting<'a> {
     pub(super) out: &'a Path,
 }
 
-pub(super) fn evaluate(
+/// The train, val and test features of one variant, and what extracting them cost.
+pub(super) struct VariantFeatures {
+    pub(super) splits: [Features; 3],
+    pub(super) seconds: f64,
+    pub(super) memory: Option<u64>,
+}
+
+impl VariantFeatures {
+    /// The ensemble of two backbones' features: each half L2-normalised, then concatenated, so
+    /// the k-NN's cosine similarity is the mean of the two backbones' similarities.
+    pub(super) fn ensemble(&self, other: &VariantFeatures) -> VariantFeatures {
+        VariantFeatures {
+            splits: std::array::from_fn(|i| self.splits[i].concat_normalized(&other.splits[i])),
+            seconds: self.seconds + other.seconds,
+            memory: max_opt(self.memory, other.memory),
+        }
+    }
+}
+
+/// Features of `variant` on the three splits (cached by a stable key); `None` if a stop
+/// command came.
+pub(super) fn extract(
     variant: &Variant,
     setting: &Setting<'_>,
     device: &Device,
     ctx: &mut JobContext,
-    summary: &mut PipelineSummary,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Option<VariantFeatures>> {
     let Setting { config, class_names, splits: [train, val, test], size, out } = *setting;
-    let classes = class_names.len();
-    ctx.info(format!("evaluating the {} backbone ({})", variant.name, variant.weights.display()));
+    let weights = variant.weights.as_ref().expect("a variant with a backbone file");
+    ctx.info(format!("evaluating the {} backbone ({})", variant.name, weights.display()));
     let began = Instant::now();
-    let (model, _) = load_backbone(&variant.weights, device)?;
+    let (model, _) = load_backbone(weights, device)?;
     let pre = Preprocess::new(size);
     let mut features: Vec<Features> = Vec::new();
     for (split, items) in [(Split::Train, train), (Split::Val, val), (Split::Test, test)] {
@@ -61,19 +79,48 @@ pub(super) fn evaluate(
             classes: class_names.to_vec(),
         };
         let file = out.join("features").join(format!("{}-{split}.safetensors", variant.name));
-        let f = cached(&model, &list, &pre, config.data.batch, &file, &cache_key(&variant.weights, size, items), ctx)?;
+        let f = cached(&model, &list, &pre, config.data.batch, &file, &cache_key(weights, size, items), ctx)?;
         if f.stopped {
-            return Ok(false);
+            return Ok(None);
         }
         features.push(f);
     }
-    let extract_seconds = began.elapsed().as_secs_f64();
-    let extract_memory = crate::device::memory_reserved(device);
-    drop(model);
-    let [ftrain, fval, ftest] = [&features[0], &features[1], &features[2]];
+    let seconds = began.elapsed().as_secs_f64();
+    let memory = crate::device::memory_reserved(device);
+    let splits: [Features; 3] = features.try_into().map_err(|_| anyhow::anyhow!("three splits"))?;
+    Ok(Some(VariantFeatures { splits, seconds, memory }))
+}
+
+/// Features, k-NN, linear probe (and fine-tuning) of one variant; `None` if a stop command
+/// came, else its features (for an ensemble).
+pub(super) fn evaluate(
+    variant: &Variant,
+    setting: &Setting<'_>,
+    device: &Device,
+    ctx: &mut JobContext,
+    summary: &mut PipelineSummary,
+) -> anyhow::Result<Option<VariantFeatures>> {
+    let Some(features) = extract(variant, setting, device, ctx)? else { return Ok(None) };
+    Ok(score(variant, &features, setting, device, ctx, summary)?.then_some(features))
+}
+
+/// k-NN, the linear probe and (for a variant with its own backbone file) fine-tuning on
+/// `features`, one report row each; false if a stop command came.
+pub(super) fn score(
+    variant: &Variant,
+    features: &VariantFeatures,
+    setting: &Setting<'_>,
+    device: &Device,
+    ctx: &mut JobContext,
+    summary: &mut PipelineSummary,
+) -> anyhow::Result<bool> {
+    let Setting { config, class_names, splits: [train, val, test], size, out } = *setting;
+    let classes = class_names.len();
+    let [ftrain, fval, ftest] = &features.splits;
+    let extract_seconds = features.seconds;
     let (ytrain, yval, ytest) = (ftrain.labels()?, fval.labels()?, ftest.labels()?);
     let base_row = |method: &str, m: &Metrics, eval_trainable: usize, seconds: f64, note: String| Row {
-        variant: variant.name.into(),
+        variant: variant.name.clone(),
         method: method.into(),
         top1: m.top1,
         top5: m.top5,
@@ -83,7 +130,7 @@ pub(super) fn evaluate(
         eval_trainable,
         images_seen: variant.images_seen,
         seconds: variant.seconds + extract_seconds + seconds,
-        peak_gpu_bytes: max_opt(variant.peak_gpu_bytes, extract_memory),
+        peak_gpu_bytes: max_opt(variant.peak_gpu_bytes, features.memory),
         note,
         correct: m.correct.clone(),
     };
@@ -118,15 +165,16 @@ pub(super) fn evaluate(
     let dir = record(out, row, &metrics, class_names, ctx, summary)?;
     std::fs::write(dir.join("sweep.json"), serde_json::to_string_pretty(&probe.sweep)?)?;
 
-    // Fine-tuning: LoRA by default, or one run per preset asked for.
-    if let Some(ft) = &config.finetune {
+    // Fine-tuning: LoRA by default, or one run per preset asked for (an ensemble has no single
+    // backbone to fine-tune).
+    if let (Some(ft), Some(weights)) = (&config.finetune, &variant.weights) {
         let presets = if config.finetune_presets.is_empty() { vec![ft.plan.preset.clone()] } else { config.finetune_presets.clone() };
         for preset in presets {
             let mut ft = ft.clone();
             ft.plan.preset = preset.clone();
             let method = format!("finetune-{preset}").replace(':', "");
             let dir = out.join("eval").join(format!("{}-{method}", variant.name));
-            let result = finetune(&variant.weights, classes, train, val, test, size, &ft, config.data.seed, &dir, device, ctx)?;
+            let result = finetune(weights, classes, train, val, test, size, &ft, config.data.seed, &dir, device, ctx)?;
             if result.stopped {
                 return Ok(false);
             }

@@ -4,7 +4,8 @@
 //! and a linear probe (and optionally LoRA fine-tuning), and writes the comparison:
 //!
 //! - `pipeline.toml` (the config), `splits.csv` (path, label, split of every image);
-//! - `pretrain/` — the ExPLoRA run folder (resumed if the pipeline is run again);
+//! - `pretrain/` — the ExPLoRA run folder (resumed if the pipeline is run again); with
+//!   `objectives = [...]` one `pretrain-<objective>/` per objective;
 //! - `features/<variant>-<split>.safetensors` — cached features (reused while the backbone,
 //!   image size and images are the same);
 //! - `eval/<variant>-<method>/` — `metrics.json`, `confusion.png`;
@@ -32,7 +33,7 @@ use crate::train::{PretrainConfig, PretrainJob, pretrain};
 mod evaluate;
 mod report;
 
-use evaluate::{Setting, evaluate};
+use evaluate::{Setting, evaluate, score};
 use report::{report_csv, report_md};
 
 /// The labelled dataset and how it is split and fed to the backbone.
@@ -92,6 +93,12 @@ pub struct PipelineConfig {
     /// Fine-tune once per preset named here (e.g. `["lora", "full", "linear"]`) instead of
     /// only with `finetune.plan`; each is a row `finetune-<preset>`.
     pub finetune_presets: Vec<String>,
+    /// Pre-train once per objective named here (e.g. `["dinov2", "mae", "upstep"]`), each from
+    /// the same `[pretrain]` settings with its own `objective`, into `pretrain-<objective>/`, and
+    /// evaluate each beside the source backbone as variant `explora-<objective>` (UpStep also as
+    /// `explora-upstep+source`, the ensemble of its features with the base model's). Empty:
+    /// one run with `pretrain.objective`, variant `explora`.
+    pub objectives: Vec<crate::train::Objective>,
 }
 
 impl Default for PipelineConfig {
@@ -106,6 +113,7 @@ impl Default for PipelineConfig {
             probe: ProbeConfig::default(),
             finetune: None,
             finetune_presets: Vec::new(),
+            objectives: Vec::new(),
         }
     }
 }
@@ -179,13 +187,30 @@ impl PipelineConfig {
         if !self.finetune_presets.is_empty() && self.finetune.is_none() {
             return Err(bad("finetune_presets", "needs a [finetune] section"));
         }
+        if let Some(o) = self.objectives.iter().enumerate().find_map(|(i, o)| self.objectives[..i].contains(o).then_some(o)) {
+            return Err(bad("objectives", format!("`{}` is named twice", o.name())));
+        }
+        for (_, pre) in self.pretrain_runs() {
+            pre.validate().map_err(|e| e.within("pipeline config", "pretrain"))?;
+        }
+        Ok(())
+    }
+
+    /// The pre-training runs of the comparison: (variant name, run config without data), one
+    /// per entry of `objectives`, or the one `[pretrain]` describes.
+    pub fn pretrain_runs(&self) -> Vec<(String, PretrainConfig)> {
         let mut pre = self.pretrain.clone();
         pre.model = self.model.clone();
         pre.data.images = None;
         // The pipeline runs its own comparison; a run config's `[evaluate]` does not apply.
         pre.evaluate = Default::default();
-        pre.validate().map_err(|e| e.within("pipeline config", "pretrain"))?;
-        Ok(())
+        if self.objectives.is_empty() {
+            return vec![("explora".to_string(), pre)];
+        }
+        self.objectives
+            .iter()
+            .map(|&objective| (format!("explora-{}", objective.name()), PretrainConfig { objective, ..pre.clone() }))
+            .collect()
     }
 }
 
@@ -214,9 +239,11 @@ pub struct Row {
     pub correct: Vec<bool>,
 }
 
-/// One method's change from the source backbone to the ExPLoRA one on the same test images.
+/// One method's change from the source backbone to an adapted one on the same test images.
 #[derive(Debug, Clone, Serialize)]
 pub struct Delta {
+    /// The adapted variant (`explora`, or `explora-<objective>` when several were run).
+    pub variant: String,
     pub method: String,
     pub source_top1: f64,
     pub explora_top1: f64,
@@ -244,9 +271,9 @@ impl Delta {
             ),
             None => String::new(),
         };
+        let label = if self.variant == "explora" { self.method.clone() } else { format!("{} {}", self.variant, self.method) };
         format!(
-            "{}: {:.1}% → {:.1}% ({:+.1} points{interval})",
-            self.method,
+            "{label}: {:.1}% → {:.1}% ({:+.1} points{interval})",
             100.0 * self.source_top1,
             100.0 * self.explora_top1,
             100.0 * self.delta
@@ -264,16 +291,17 @@ pub struct PipelineSummary {
 }
 
 impl PipelineSummary {
-    /// Per method evaluated on both backbones: source → ExPLoRA top-1 and the difference with
-    /// its bootstrap interval.
+    /// Per adapted variant and method also evaluated on the source backbone: source → adapted
+    /// top-1 and the difference with its bootstrap interval.
     pub fn deltas(&self) -> Vec<Delta> {
-        let find = |variant: &str, method: &str| self.rows.iter().find(|r| r.variant == variant && r.method == method);
+        let source = |method: &str| self.rows.iter().find(|r| r.variant == "source" && r.method == method);
         self.rows
             .iter()
-            .filter(|r| r.variant == "source")
-            .filter_map(|a| {
-                let b = find("explora", &a.method)?;
+            .filter(|r| r.variant != "source")
+            .filter_map(|b| {
+                let a = source(&b.method)?;
                 Some(Delta {
+                    variant: b.variant.clone(),
                     method: a.method.clone(),
                     source_top1: a.top1,
                     explora_top1: b.top1,
@@ -292,8 +320,9 @@ impl PipelineSummary {
 }
 
 struct Variant {
-    name: &'static str,
-    weights: PathBuf,
+    name: String,
+    /// The backbone file (`None` for an ensemble of two).
+    weights: Option<PathBuf>,
     pretrain_trainable: usize,
     images_seen: u64,
     seconds: f64,
@@ -399,80 +428,101 @@ fn run_comparison(
         stopped: false,
     };
     let source = Variant {
-        name: "source",
-        weights: source_weights.clone(),
+        name: "source".into(),
+        weights: Some(source_weights.clone()),
         pretrain_trainable: 0,
         images_seen: 0,
         seconds: 0.0,
         peak_gpu_bytes: None,
     };
     let setting = Setting { config, class_names: &set.classes, splits: [&train, &val, &test], size, out };
-    if !evaluate(&source, &setting, device, ctx, &mut summary)? {
+    let Some(source_features) = evaluate(&source, &setting, device, ctx, &mut summary)? else {
         summary.stopped = true;
         return Ok(summary);
-    }
+    };
 
-    // ExPLoRA pre-training on the training images (labels unused), or the finished run given.
-    let (pre_dir, pre_config, pre_summary, pre_seconds, pre_data) = match finished {
-        Some(run) => {
-            let seconds = run.summary.images_seen as f64 / run.summary.images_per_second.max(1e-9);
-            let data = match (&config.pretrain.data.images, &config.pretrain.data.list) {
-                (Some(p), _) | (None, Some(p)) => format!("`{}`", p.display()),
-                (None, None) => "procedural tiles".to_string(),
-            };
-            (run.dir, config.pretrain.clone(), run.summary, seconds, data)
+    // ExPLoRA pre-training on the training images (labels unused), once per objective, or the
+    // finished run given.
+    let runs = config.pretrain_runs();
+    let several = runs.len() > 1;
+    let mut finished = finished;
+    let mut trained: Vec<(String, PretrainConfig)> = Vec::new();
+    let mut pre_data = String::new();
+    for (name, run_config) in runs {
+        let (pre_dir, pre_config, pre_summary, pre_seconds) = match finished.take() {
+            Some(run) => {
+                let seconds = run.summary.images_seen as f64 / run.summary.images_per_second.max(1e-9);
+                pre_data = match (&config.pretrain.data.images, &config.pretrain.data.list) {
+                    (Some(p), _) | (None, Some(p)) => format!("`{}`", p.display()),
+                    (None, None) => "procedural tiles".to_string(),
+                };
+                (run.dir, config.pretrain.clone(), run.summary, seconds)
+            }
+            None => {
+                let folder = if several { format!("pretrain-{}", run_config.objective.name()) } else { "pretrain".to_string() };
+                let pre_dir = out.join(folder);
+                std::fs::create_dir_all(&pre_dir)?;
+                let list = out.join("train-images.txt");
+                let lines: String = train.iter().map(|(p, _)| format!("{}\n", p.display())).collect();
+                std::fs::write(&list, lines)?;
+                let mut pre_config = run_config;
+                pre_config.model = ModelSection { weights: Some(source_weights.clone()), arch: config.model.arch.clone() };
+                pre_config.data.list = Some(list);
+                pre_config.run.seed = seed;
+                pre_data = "the training split (labels unused)".to_string();
+                let began = Instant::now();
+                let summary_path = pre_dir.join("summary.json");
+                let (pre_summary, seconds) = if summary_path.exists() {
+                    ctx.info(format!("pre-training already done in {} (delete the folder to redo it)", pre_dir.display()));
+                    let s: crate::train::PretrainSummary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)?;
+                    let seconds = s.images_seen as f64 / s.images_per_second.max(1e-9);
+                    (s, seconds)
+                } else {
+                    if several {
+                        ctx.info(format!("pre-training with the {} objective into {}", pre_config.objective.name(), pre_dir.display()));
+                    }
+                    let resume = !crate::train::state::list(&pre_dir).is_empty();
+                    let job = PretrainJob { config: pre_config.clone(), out: pre_dir.clone(), resume };
+                    let s = pretrain(&job, device, ctx)?;
+                    if s.stopped_early {
+                        summary.stopped = true;
+                        return Ok(summary);
+                    }
+                    (s, began.elapsed().as_secs_f64())
+                };
+                (pre_dir, pre_config, pre_summary, seconds)
+            }
+        };
+        // The plan the run trained (UpStep's own LoRA plan when `[pretrain.plan]` is left out).
+        let plan = pre_config.resolve_plan(&vit).map_err(|e| anyhow::anyhow!("[pretrain.plan] {e}"))?;
+        let adapted = Variant {
+            name: name.clone(),
+            weights: Some(pre_dir.join("backbone.safetensors")),
+            pretrain_trainable: plan.budget(&vit).trainable,
+            images_seen: pre_summary.images_seen,
+            seconds: pre_seconds,
+            peak_gpu_bytes: pre_summary.peak_gpu_bytes,
+        };
+        let Some(adapted_features) = evaluate(&adapted, &setting, device, ctx, &mut summary)? else {
+            summary.stopped = true;
+            return Ok(summary);
+        };
+        // UpStep keeps its base model: its features beside the adapted ones are a third row
+        // (the base model alone is the source row).
+        if pre_config.objective == crate::train::Objective::Upstep {
+            let ensemble = Variant { name: format!("{name}+source"), weights: None, ..adapted };
+            ctx.info(format!("evaluating the {} ensemble (adapted and base features, each L2-normalised, concatenated)", ensemble.name));
+            if !score(&ensemble, &adapted_features.ensemble(&source_features), &setting, device, ctx, &mut summary)? {
+                summary.stopped = true;
+                return Ok(summary);
+            }
         }
-        None => {
-            let pre_dir = out.join("pretrain");
-            std::fs::create_dir_all(&pre_dir)?;
-            let list = out.join("train-images.txt");
-            let lines: String = train.iter().map(|(p, _)| format!("{}\n", p.display())).collect();
-            std::fs::write(&list, lines)?;
-            let mut pre_config = config.pretrain.clone();
-            pre_config.model = ModelSection { weights: Some(source_weights.clone()), arch: config.model.arch.clone() };
-            pre_config.data.images = None;
-            pre_config.data.list = Some(list);
-            pre_config.run.seed = seed;
-            pre_config.evaluate = Default::default();
-            let began = Instant::now();
-            let summary_path = pre_dir.join("summary.json");
-            let (pre_summary, seconds) = if summary_path.exists() {
-                ctx.info(format!("pre-training already done in {} (delete the folder to redo it)", pre_dir.display()));
-                let s: crate::train::PretrainSummary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)?;
-                let seconds = s.images_seen as f64 / s.images_per_second.max(1e-9);
-                (s, seconds)
-            } else {
-                let resume = !crate::train::state::list(&pre_dir).is_empty();
-                let job = PretrainJob { config: pre_config.clone(), out: pre_dir.clone(), resume };
-                let s = pretrain(&job, device, ctx)?;
-                if s.stopped_early {
-                    summary.stopped = true;
-                    return Ok(summary);
-                }
-                (s, began.elapsed().as_secs_f64())
-            };
-            (pre_dir, pre_config, pre_summary, seconds, "the training split (labels unused)".to_string())
-        }
-    };
-    let adapted = pre_dir.join("backbone.safetensors");
-    // The plan the run trained (UpStep's own LoRA plan when `[pretrain.plan]` is left out).
-    let plan = pre_config.resolve_plan(&vit).map_err(|e| anyhow::anyhow!("[pretrain.plan] {e}"))?;
-    let explora = Variant {
-        name: "explora",
-        weights: adapted,
-        pretrain_trainable: plan.budget(&vit).trainable,
-        images_seen: pre_summary.images_seen,
-        seconds: pre_seconds,
-        peak_gpu_bytes: pre_summary.peak_gpu_bytes,
-    };
-    if !evaluate(&explora, &setting, device, ctx, &mut summary)? {
-        summary.stopped = true;
-        return Ok(summary);
+        trained.push((name, pre_config));
     }
 
     ctx.phase(crate::engine::Phase::step("writing the report"), None);
     std::fs::write(out.join("report.csv"), report_csv(&summary))?;
-    std::fs::write(out.join("report.md"), report_md(config, &summary, &set, &pre_config, &pre_data))?;
+    std::fs::write(out.join("report.md"), report_md(config, &summary, &set, &trained, &pre_data))?;
     ctx.artifact("comparison report", out.join("report.md"));
     Ok(summary)
 }

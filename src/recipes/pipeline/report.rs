@@ -27,13 +27,34 @@ pub(super) fn report_csv(s: &PipelineSummary) -> Vec<u8> {
     crate::data::table::write(std::iter::once(header.map(String::from)).chain(rows))
 }
 
-pub(super) fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &LabelledSet, pre: &PretrainConfig, pre_data: &str) -> String {
+/// How one pre-training run of the comparison was set up, for the report.
+fn describe_run(pre: &PretrainConfig, pre_data: &str) -> String {
+    format!(
+        "{}, {} steps × {} images on {pre_data}, plan `{}`",
+        match pre.objective {
+            crate::train::Objective::Dinov2 => "ExPLoRA with the DINOv2 objective",
+            crate::train::Objective::Mae => "ExPLoRA with the MAE objective",
+            crate::train::Objective::Upstep => "UpStep (explora's interpretation of the abstract)",
+        },
+        pre.run.steps,
+        pre.optim.effective_batch(),
+        if pre.objective.uses_own_plan(&pre.plan) { "UpStep's LoRA r = 8 on Q,K,V".to_string() } else { pre.plan.preset.to_string() },
+    )
+}
+
+pub(super) fn report_md(
+    config: &PipelineConfig,
+    s: &PipelineSummary,
+    set: &LabelledSet,
+    runs: &[(String, PretrainConfig)],
+    pre_data: &str,
+) -> String {
     let pct = |v: f64| if v.is_nan() { "—".to_string() } else { format!("{:.1}", 100.0 * v) };
     let mut md = String::from("# Did ExPLoRA pre-training help?\n\n");
     md.push_str(&format!(
         "- backbone: `{}`\n- labelled set: `{}` ({} images, {} classes); split {} train / {} val / {} test, seed {}\n\
          - evaluation input: {} px; k-NN on the CLS token (k = {}, T = {}); linear probe on [CLS ‖ mean patch], \
-         {} settings swept, chosen on val\n- pre-training (the `explora` rows): {}, {} steps × {} images on {pre_data}, plan `{}`\n\n",
+         {} settings swept, chosen on val\n{}\n",
         config
             .model
             .weights
@@ -50,14 +71,16 @@ pub(super) fn report_md(config: &PipelineConfig, s: &PipelineSummary, set: &Labe
         config.knn.k,
         config.knn.temperature,
         config.probe.lrs.len() * config.probe.weight_decays.len(),
-        match pre.objective {
-            crate::train::Objective::Dinov2 => "ExPLoRA with the DINOv2 objective",
-            crate::train::Objective::Mae => "ExPLoRA with the MAE objective",
-            crate::train::Objective::Upstep => "UpStep (explora's interpretation of the abstract)",
-        },
-        pre.run.steps,
-        pre.optim.effective_batch(),
-        if pre.objective.uses_own_plan(&pre.plan) { "UpStep's LoRA r = 8 on Q,K,V".to_string() } else { pre.plan.preset.to_string() },
+        runs.iter()
+            .map(|(variant, pre)| {
+                let ensemble = if pre.objective == crate::train::Objective::Upstep {
+                    format!("; `{variant}+source` is the ensemble of its features with the base (source) model's")
+                } else {
+                    String::new()
+                };
+                format!("- pre-training (the `{variant}` rows): {}{ensemble}\n", describe_run(pre, pre_data))
+            })
+            .collect::<String>(),
     ));
     md.push_str("| variant | method | top-1 % | top-5 % | macro-F1 | trained in pre-training | trained in evaluation | images seen | wall time (s) | peak GPU (GiB) | notes |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
