@@ -9,6 +9,7 @@ use egui::Ui;
 
 use super::state::{AppState, default_out};
 use super::widgets::{error_line, number, ok_line, text_field};
+use crate::train::config::Gate;
 use crate::train::{Objective, PretrainConfig};
 
 /// Text fields being edited (applied to the config on change).
@@ -244,11 +245,49 @@ impl SetupPanel {
         }
         let c = &mut state.config;
         if c.objective == Objective::Upstep {
+            let u = &mut c.upstep;
+            ui.horizontal(|ui| {
+                number(ui, "centres (k-means K)", &mut u.centres, 2..=65_536)
+                    .on_hover_text("k-means of the frozen base model's CLS embeddings of the target images; at most the images used");
+                number(ui, "k-means images", &mut u.kmeans_sample, 2..=1_000_000);
+                number(ui, "k-means iterations", &mut u.kmeans_iterations, 1..=1_000);
+            });
+            ui.horizontal(|ui| {
+                ui.label("offline EMA");
+                ui.add(egui::DragValue::new(&mut u.ema).range(0.0..=0.99999).speed(0.001).fixed_decimals(4));
+                ui.label("temperature");
+                ui.add(egui::DragValue::new(&mut u.temperature).range(0.001..=10.0).speed(0.01).fixed_decimals(3));
+                ui.label("centre regulariser λ")
+                    .on_hover_text("weight of ‖c − c_base‖²: keeps the batch's mean embedding near the base model's (0 = off)");
+                ui.add(egui::DragValue::new(&mut u.cvr_weight).range(0.0..=1000.0).speed(0.05).fixed_decimals(2));
+            });
+            ui.horizontal(|ui| {
+                ui.label("skip gate");
+                for (gate, label, hover) in [
+                    (Gate::Alternate, "alternate", "every second iteration runs no backward pass (exactly half)"),
+                    (Gate::LossBelowEma, "loss below its EMA", "skipped when the loss is below its running mean"),
+                    (Gate::CvrThreshold, "drift below threshold", "skipped when ‖c − c_base‖² is below the threshold"),
+                    (Gate::Off, "off", "every iteration trains"),
+                ] {
+                    ui.radio_value(&mut u.gate, gate, label).on_hover_text(hover);
+                }
+                match u.gate {
+                    Gate::LossBelowEma => {
+                        ui.label("EMA");
+                        ui.add(egui::DragValue::new(&mut u.gate_ema).range(0.0..=0.9999).speed(0.01).fixed_decimals(3));
+                    }
+                    Gate::CvrThreshold => {
+                        ui.label("threshold");
+                        ui.add(egui::DragValue::new(&mut u.cvr_threshold).range(0.0..=10.0).speed(1e-4).fixed_decimals(5));
+                    }
+                    Gate::Alternate | Gate::Off => {}
+                }
+            });
             ui.label(
                 "UpStep as explora interprets the paper's abstract (the method is not public): k-means centres of the base model, \
                  swapped Sinkhorn-Knopp codes from an EMA model, a regulariser towards the base model's mean embedding, and a gate \
                  that skips some optimizer steps. The plan switched to LoRA r=8 on Q, K, V; the [upstep] section of the config \
-                 sets the rest.",
+                 holds the rest (code temperature, Sinkhorn iterations).",
             );
             return;
         }

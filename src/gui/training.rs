@@ -8,6 +8,7 @@ use egui_plot::{Legend, Line, Plot, Points};
 use super::state::AppState;
 use super::widgets::{drawable, duration, error_line, mib};
 use crate::engine::{Command, Level};
+use crate::train::Objective;
 
 #[derive(Default)]
 pub struct TrainingPanel {
@@ -106,13 +107,31 @@ impl TrainingPanel {
 
         ui.separator();
         let height = ((ui.available_height() - 160.0) / 2.0).clamp(90.0, 260.0);
+        // Each objective's own curves: what its step writes to metrics.jsonl.
+        let (loss_title, losses, third_id, third_title, third): (&str, &[&str], &str, &str, &[&str]) = match state.config.objective {
+            Objective::Dinov2 => (
+                "loss (total, DINO, iBOT, KoLeo)",
+                &["loss", "dino", "ibot", "koleo"],
+                "plot-temp",
+                "teacher temperature",
+                &["teacher_temp"],
+            ),
+            Objective::Mae => ("reconstruction loss (masked patches)", &["loss"], "plot-grad", "gradient norm", &["grad_norm"]),
+            Objective::Upstep => (
+                "loss (total, swapped codes, centre regulariser)",
+                &["loss", "swap", "cvr"],
+                "plot-skips",
+                "iterations skipped / backward passes (total)",
+                &["skipped_total", "backward_total"],
+            ),
+        };
         ui.columns(2, |c| {
-            plot(&mut c[0], state, "plot-loss", "loss (total, DINO, iBOT, KoLeo)", &["loss", "dino", "ibot", "koleo"], height);
+            plot(&mut c[0], state, "plot-loss", loss_title, losses, height);
             plot(&mut c[1], state, "plot-lr", "learning rate", &["lr"], height);
         });
         ui.columns(2, |c| {
-            plot(&mut c[0], state, "plot-temp", "teacher temperature", &["teacher_temp"], height);
-            plot(&mut c[1], state, "plot-knn", "k-NN top-1 (teacher CLS)", &["knn_top1"], height);
+            plot(&mut c[0], state, third_id, third_title, third, height);
+            plot(&mut c[1], state, "plot-knn", "k-NN top-1 (monitored backbone CLS)", &["knn_top1"], height);
         });
 
         ui.separator();

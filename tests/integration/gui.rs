@@ -308,4 +308,21 @@ fn the_setup_panel_chooses_the_objective_and_shows_maes_knobs_only_for_mae() {
     harness.run_steps(2);
     assert_eq!(harness.state().state.config.objective, explora::train::Objective::Dinov2);
     assert!(harness.query_by_label("mask ratio").is_none(), "MAE's knobs stay after switching back");
+
+    // UpStep's knobs, and a gate's own setting only under that gate; the Training panel plots
+    // what UpStep's step writes.
+    assert!(harness.query_by_label("skip gate").is_none(), "UpStep's knobs are shown for DINOv2");
+    harness.get_by_label_contains("UpStep (our reading").click();
+    harness.run_steps(2);
+    assert_eq!(harness.state().state.config.objective, explora::train::Objective::Upstep);
+    harness.get_by_label("centres (k-means K)");
+    harness.get_by_label("skip gate");
+    assert!(harness.query_by_label("threshold").is_none());
+    harness.get_by_label("drift below threshold").click();
+    harness.run_steps(2);
+    assert_eq!(harness.state().state.config.upstep.gate, explora::train::config::Gate::CvrThreshold);
+    harness.get_by_label("threshold");
+    open_tab(&mut harness, Tab::Training);
+    harness.get_by_label("iterations skipped / backward passes (total)");
+    harness.get_by_label("loss (total, swapped codes, centre regulariser)");
 }
