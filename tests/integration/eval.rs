@@ -288,6 +288,16 @@ fn pipeline_runs_each_objective_beside_the_source_in_one_report() {
         assert!(md.contains(line), "{line} not in\n{md}");
     }
 
+    // UpStep's K against the training split, before any pre-training starts.
+    let mut many = tiny_pipeline();
+    many.objectives = vec![Objective::Dinov2, Objective::Upstep];
+    many.pretrain.upstep.centres = 51; // the split has 50 training images
+    let (events, _r) = mpsc::channel();
+    let (_c, commands) = mpsc::channel::<Command>();
+    let err = run_pipeline(&many, &dir.path().join("many"), &device(), &mut JobContext::new(events, commands)).unwrap_err();
+    assert!(format!("{err:#}").contains("upstep.centres") && format!("{err:#}").contains("the data has 50"), "{err:#}");
+    assert!(!dir.path().join("many/pretrain-dinov2").exists(), "an objective ran before the check");
+
     let mut twice = tiny_pipeline();
     twice.objectives = vec![Objective::Mae, Objective::Mae];
     assert!(format!("{:#}", twice.validate().unwrap_err()).contains("`objectives` `mae` is named twice"));

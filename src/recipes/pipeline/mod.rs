@@ -136,6 +136,8 @@ impl PipelineConfig {
         c.pretrain.monitor.knn_every = 0;
         c.pretrain.crops.global_size = 32;
         c.pretrain.crops.local_size = 16;
+        // UpStep's k-means on the 120 training tiles (with --objectives upstep).
+        c.pretrain.upstep.centres = 32;
         c.probe.epochs = 50;
         c
     }
@@ -444,6 +446,10 @@ fn run_comparison(
     // ExPLoRA pre-training on the training images (labels unused), once per objective, or the
     // finished run given.
     let runs = config.pretrain_runs();
+    // What needs the training split's size is checked before any run starts.
+    for (_, run) in runs.iter().filter(|(_, r)| r.objective == crate::train::Objective::Upstep) {
+        run.upstep.check_images(train.len()).map_err(|e| e.within("pipeline config", "pretrain"))?;
+    }
     let several = runs.len() > 1;
     let mut finished = finished;
     let mut trained: Vec<(String, PretrainConfig)> = Vec::new();
