@@ -322,6 +322,7 @@ fn the_setup_panel_chooses_the_objective_and_shows_maes_knobs_only_for_mae() {
     harness.run_steps(2);
     assert_eq!(harness.state().state.config.upstep.gate, explora::train::config::Gate::CvrThreshold);
     harness.get_by_label("threshold");
+    snapshot(&mut harness, "setup-upstep", &["centre regulariser λ"]);
     open_tab(&mut harness, Tab::Training);
     harness.get_by_label("iterations skipped / backward passes (total)");
     harness.get_by_label("loss (total, swapped codes, centre regulariser)");
