@@ -145,13 +145,10 @@ impl AdaptationPanel {
                     mib(budget.optimizer_state_bytes() as u64)
                 ));
                 if let Some(bytes) = state.activation_bytes() {
-                    let c = &state.config.crops;
                     ui.label(format!(
-                        "activation memory (estimate, f32, batch {}, 2 × {} px + {} × {} px crops): {}",
+                        "activation memory (estimate, f32, batch {}, {}): {}",
                         state.config.optim.batch,
-                        c.global_size,
-                        c.local_crops,
-                        c.local_size,
+                        state.config.views_description(),
                         mib(bytes)
                     ));
                 }

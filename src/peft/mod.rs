@@ -7,5 +7,5 @@ mod plan;
 pub use apply::{apply_plan, count_trainable, merge_lora, trainable_patterns, trainable_tensors};
 pub use plan::{
     AdaptationPlan, BlockMode, Budget, BudgetRow, ConvpassSpec, LoraSpec, LoraTargets, PlanError, PlanSpec, Preset, activation_bytes,
-    thousands,
+    activation_bytes_for_tokens, block_activation_values, thousands,
 };

@@ -528,13 +528,27 @@ impl AdaptationPlan {
 
 /// An estimate of the activation memory autograd keeps for one training micro-batch of the
 /// student: `batch` images, each seen as the crops in `crops` (`(side in pixels, count)`, e.g.
-/// 2 global and 8 local crops). Per block and token it counts what a pre-norm ViT block saves
-/// for its backward (norm inputs/outputs, q/k/v, context, projections and residuals: ~11·d
-/// values, the MLP's hidden twice: 2·hidden), plus the attention scores and probabilities
-/// (2·heads·tokens² per image), in f32; only blocks from the first one with something
-/// trainable upwards keep activations. Framework overhead and the teacher's (gradient-free)
-/// forward are not counted, so treat it as the order of magnitude, not a bound.
+/// 2 global and 8 local crops). See [`activation_bytes_for_tokens`] for what is counted.
 pub fn activation_bytes(config: &VitConfig, plan: &AdaptationPlan, batch: usize, crops: &[(u32, usize)]) -> u64 {
+    let views: Vec<(usize, usize)> = crops
+        .iter()
+        .map(|&(side, count)| {
+            let grid = side as usize / config.patch_size.max(1);
+            (grid * grid, count)
+        })
+        .collect();
+    activation_bytes_for_tokens(config, plan, batch, &views)
+}
+
+/// The activation estimate for views given as `(patch tokens, count)` per image (MAE's encoder
+/// sees only the visible patches). Per block and token it counts what a pre-norm ViT block
+/// saves for its backward (norm inputs/outputs, q/k/v, context, projections and residuals:
+/// ~11·d values, the MLP's hidden twice: 2·hidden), plus the attention scores and
+/// probabilities (2·heads·tokens² per image), in f32; only blocks from the first one with
+/// something trainable upwards keep activations. Framework overhead and gradient-free passes
+/// (the teacher, the base model) are not counted, so treat it as the order of magnitude, not a
+/// bound.
+pub fn activation_bytes_for_tokens(config: &VitConfig, plan: &AdaptationPlan, batch: usize, views: &[(usize, usize)]) -> u64 {
     let depth = config.depth;
     let input_side = plan.cls_token
         || plan.register_tokens
@@ -550,18 +564,22 @@ pub fn activation_bytes(config: &VitConfig, plan: &AdaptationPlan, batch: usize,
             .find(|&i| plan.blocks.get(i).is_some_and(|m| *m != BlockMode::Frozen) || plan.convpass.as_ref().is_some_and(|c| c.covers(i)))
     };
     let Some(first) = first_trainable else { return 0 };
-    let kept_blocks = (depth - first) as u64;
-    let (d, hidden, heads) = (config.embed_dim as u64, config.mlp_hidden() as u64, config.num_heads as u64);
-    let extra_tokens = 1 + config.num_registers as u64 + plan.memory_tokens.unwrap_or(0) as u64;
-    let per_image: u64 = crops
+    let extra_tokens = 1 + config.num_registers + plan.memory_tokens.unwrap_or(0);
+    let per_image: u64 = views
         .iter()
-        .map(|&(side, count)| {
-            let grid = side as u64 / config.patch_size.max(1) as u64;
-            let t = grid * grid + extra_tokens;
-            count as u64 * (t * (11 * d + 2 * hidden) + 2 * heads * t * t)
+        .map(|&(patches, count)| {
+            count as u64 * block_activation_values(config.embed_dim, config.mlp_hidden(), config.num_heads, patches + extra_tokens)
         })
         .sum();
-    4 * batch as u64 * kept_blocks * per_image
+    4 * batch as u64 * (depth - first) as u64 * per_image
+}
+
+/// f32 values one pre-norm transformer block of width `d` (MLP `hidden`, `heads` heads) keeps
+/// for its backward over a sequence of `tokens`: ~11·d + 2·hidden per token, plus the
+/// attention scores and probabilities.
+pub fn block_activation_values(d: usize, hidden: usize, heads: usize, tokens: usize) -> u64 {
+    let (d, hidden, heads, t) = (d as u64, hidden as u64, heads as u64, tokens as u64);
+    t * (11 * d + 2 * hidden) + 2 * heads * t * t
 }
 
 /// Parameters of one transformer block.

@@ -622,6 +622,70 @@ impl PretrainConfig {
         })
     }
 
+    /// The budget of `plan` on `vit` as planned before a run: under the MAE objective with the
+    /// fresh decoder of `[mae]` beside the backbone (the run itself reports a loaded decoder's
+    /// LoRA instead).
+    pub fn planned_budget(&self, vit: &VitConfig, plan: &crate::peft::AdaptationPlan) -> crate::peft::Budget {
+        let budget = plan.budget(vit);
+        match self.objective {
+            Objective::Dinov2 | Objective::Upstep => budget,
+            Objective::Mae => {
+                let (component, params) = self.mae.budget_row(vit);
+                budget.with_module(component, params)
+            }
+        }
+    }
+
+    /// What the trained model sees of each image per step, in words (the run report, `explora
+    /// plan`, the app): DINOv2's global and local crops, MAE's one masked view, UpStep's two views.
+    pub fn views_description(&self) -> String {
+        let c = &self.crops;
+        match self.objective {
+            Objective::Dinov2 => format!("2 × {} px global, {} × {} px local crops", c.global_size, c.local_crops, c.local_size),
+            Objective::Mae => format!(
+                "one {} px view, {:.0}% of its patches masked, a {} × {} decoder",
+                c.global_size,
+                100.0 * self.mae.mask_ratio,
+                self.mae.decoder_width,
+                self.mae.decoder_depth
+            ),
+            Objective::Upstep => format!(
+                "2 × {} px global views against {} k-means centres, gate {}",
+                c.global_size,
+                self.upstep.centres,
+                self.upstep.gate.name()
+            ),
+        }
+    }
+
+    /// The activation memory autograd keeps for one micro-batch of this run with `plan` on
+    /// `vit` (an order of magnitude, see [`crate::peft::activation_bytes_for_tokens`]): DINOv2's
+    /// student on the global and local crops, UpStep's online model on two global views, MAE's
+    /// encoder on the visible patches of one view plus its decoder (which always trains: fully
+    /// when fresh, LoRA when loaded) on every patch.
+    pub fn activation_bytes(&self, vit: &VitConfig, plan: &crate::peft::AdaptationPlan) -> u64 {
+        let c = &self.crops;
+        let batch = self.optim.batch;
+        let patches = |side: u32| (side as usize / vit.patch_size.max(1)).pow(2);
+        match self.objective {
+            Objective::Dinov2 => crate::peft::activation_bytes_for_tokens(
+                vit,
+                plan,
+                batch,
+                &[(patches(c.global_size), 2), (patches(c.local_size), c.local_crops)],
+            ),
+            Objective::Upstep => crate::peft::activation_bytes_for_tokens(vit, plan, batch, &[(patches(c.global_size), 2)]),
+            Objective::Mae => {
+                let n = patches(c.global_size);
+                let visible = crate::objectives::mae::PatchMask::visible(n, self.mae.mask_ratio);
+                let encoder = crate::peft::activation_bytes_for_tokens(vit, plan, batch, &[(visible, 1)]);
+                let d = self.mae.decoder();
+                let per_block = crate::peft::block_activation_values(d.width, 4 * d.width, d.heads, n + 1);
+                encoder + 4 * batch as u64 * d.depth as u64 * per_block
+            }
+        }
+    }
+
     /// The peak-lr rule: `optim.base_lr`, `optim.reference_batch` and `optim.lr_scaling`, each
     /// else the objective's default (DINOv2 and UpStep: 1e-3 at 1,024, sqrt; MAE: 4.5e-4 at 256,
     /// linear).
@@ -972,6 +1036,37 @@ mod tests {
         let mut mine = c.clone();
         mine.plan.lora_rank = Some(4);
         assert_eq!(mine.resolve_plan(&vits).unwrap().lora.rank, 4);
+    }
+
+    #[test]
+    fn the_activation_estimate_counts_what_each_objective_trains_on() {
+        let vit = VitConfig::preset("vits14").unwrap();
+        let mut c = PretrainConfig::default();
+        c.optim.batch = 2;
+        c.crops.global_size = 224;
+        c.crops.local_size = 98;
+        c.crops.local_crops = 8;
+        let plan = c.resolve_plan(&vit).unwrap();
+        let patches = |side: usize| (side / 14) * (side / 14);
+        // DINOv2: both global and all local crops through the student.
+        let dino = c.activation_bytes(&vit, &plan);
+        let crops = [(224, 2), (98, 8)];
+        assert_eq!(dino, crate::peft::activation_bytes(&vit, &plan, 2, &crops));
+        // UpStep: the two global views only.
+        c.objective = Objective::Upstep;
+        let plan_u = c.resolve_plan(&vit).unwrap();
+        assert_eq!(c.activation_bytes(&vit, &plan_u), crate::peft::activation_bytes(&vit, &plan_u, 2, &[(224, 2)]));
+        // MAE: 25 % of one view's 256 patches (64) through the encoder, all 256 (+ CLS) through
+        // the decoder's 8 blocks of width 512.
+        c.objective = Objective::Mae;
+        let plan_m = c.resolve_plan(&vit).unwrap();
+        let encoder = crate::peft::activation_bytes_for_tokens(&vit, &plan_m, 2, &[(patches(224) / 4, 1)]);
+        let decoder = 4 * 2 * 8 * crate::peft::block_activation_values(512, 2048, 16, patches(224) + 1);
+        assert_eq!(c.activation_bytes(&vit, &plan_m), encoder + decoder);
+        assert!(encoder < dino / 10, "MAE's encoder sees a quarter of one view: {encoder} vs {dino}");
+        c.mae.mask_ratio = 0.5;
+        assert!(c.activation_bytes(&vit, &plan_m) > encoder + decoder, "fewer patches masked, more activations");
+        assert!(c.views_description().contains("50% of its patches masked, a 512 × 8 decoder"), "{}", c.views_description());
     }
 
     #[test]

@@ -457,7 +457,7 @@ fn report_text(
          - objective: {}; beside the backbone trains: {}\n\
          - plan: unfrozen blocks {:?}, LoRA rank {} on {} elsewhere; {} trainable of {} ({:.2}%)\n\
          - data: {data}\n\
-         - crops: {}; effective batch {}\n\
+         - each image as: {}; effective batch {}\n\
          - steps: {} ({} images seen, {:.1} images/s){}\n\
          - final loss: {}\n\
          - k-NN top-1 (CLS of the exported backbone, leave-one-out, k = {}): before {} → after {}\n\
@@ -485,18 +485,7 @@ fn report_text(
         budget.trainable,
         budget.backbone,
         budget.percent(),
-        match config.objective {
-            Objective::Dinov2 =>
-                format!("2 × {} px global, {} × {} px local", config.crops.global_size, config.crops.local_crops, config.crops.local_size),
-            Objective::Mae =>
-                format!("one {} px view per image, {:.0}% of its patches masked", config.crops.global_size, 100.0 * config.mae.mask_ratio),
-            Objective::Upstep => format!(
-                "2 × {} px global views per image against {} k-means centres, gate {}",
-                config.crops.global_size,
-                config.upstep.centres,
-                config.upstep.gate.name()
-            ),
-        },
+        config.views_description(),
         config.optim.effective_batch(),
         s.steps_done,
         s.images_seen,

@@ -17,27 +17,24 @@ pub(crate) fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         memory_tokens: args.memory_tokens,
         ..Default::default()
     };
-    use crate::train::config::{MaeSection, Objective};
+    use crate::train::{Objective, PretrainConfig};
     let objective = args.objective.unwrap_or(match config.family {
         crate::model::Family::Dinov2 => Objective::Dinov2,
         crate::model::Family::Mae => Objective::Mae,
     });
-    // UpStep's own default plan (LoRA r=8 on Q,K,V) when no plan flag was given.
-    let spec = objective.plan_spec(spec);
-    let mut plan = spec.resolve(&config)?;
-    let mut budget = plan.budget(&config);
-    if objective == Objective::Mae {
-        // MAE's encoder never sees its mask token (masked patches are dropped).
-        if plan.mask_token {
-            plan.mask_token = false;
-            budget = plan.budget(&config);
-        }
-        let (component, params) = MaeSection::default().budget_row(&config);
-        budget = budget.with_module(component, params);
-    }
     anyhow::ensure!(args.crops.len() == 2, "--crops takes two sizes, global and local, e.g. --crops 224,98");
-    let crops = [(args.crops[0], 2), (args.crops[1], args.local_crops)];
-    let activations = crate::peft::activation_bytes(&config, &plan, args.batch, &crops);
+    // The run these flags describe: its plan, budget and activation estimate follow the same
+    // rules as `explora pretrain` and the app (UpStep's own plan, MAE's frozen mask token and
+    // decoder, what each objective's student sees).
+    let mut run = PretrainConfig { objective, plan: spec, ..PretrainConfig::default() };
+    run.optim.batch = args.batch;
+    run.crops.global_size = args.crops[0];
+    run.crops.local_size = args.crops[1];
+    run.crops.local_crops = args.local_crops;
+    let spec = objective.plan_spec(run.plan.clone());
+    let plan = run.resolve_plan(&config)?;
+    let budget = run.planned_budget(&config, &plan);
+    let activations = run.activation_bytes(&config, &plan);
     if args.json {
         println!(
             "{}",
@@ -73,11 +70,9 @@ pub(crate) fn plan_cmd(args: PlanArgs) -> anyhow::Result<()> {
         budget.optimizer_state_bytes() as f64 / (1 << 20) as f64
     );
     println!(
-        "activation memory (estimate, f32, batch {}, 2 × {} px + {} × {} px crops): {:.1} MiB",
+        "activation memory (estimate, f32, batch {}, {}): {:.1} MiB",
         args.batch,
-        args.crops[0],
-        args.local_crops,
-        args.crops[1],
+        run.views_description(),
         activations as f64 / (1 << 20) as f64
     );
     Ok(())

@@ -1,7 +1,7 @@
 //! The app's shared state: the run config being edited, the model it applies to, the plan,
 //! and what the running job reported. No egui here, so every rule can be unit-tested without a
 //! window. Budgets, validation and defaults come from the functions the CLI calls
-//! (`PlanSpec::resolve`, `AdaptationPlan::budget`, `peft::activation_bytes`,
+//! (`PlanSpec::resolve`, `AdaptationPlan::budget`, `PretrainConfig::activation_bytes`,
 //! `PretrainConfig::validate`); jobs run on the engine's thread and talk through events and
 //! commands only.
 
@@ -276,22 +276,13 @@ impl AppState {
     /// The plan's budget; under the MAE objective with the decoder beside it (the fresh
     /// decoder of `[mae]`, which trains fully).
     pub fn budget(&self) -> Option<Budget> {
-        let vit = self.vit.as_ref()?;
-        let budget = self.plan.budget(vit);
-        Some(match self.config.objective {
-            crate::train::Objective::Dinov2 | crate::train::Objective::Upstep => budget,
-            crate::train::Objective::Mae => {
-                let (component, params) = self.config.mae.budget_row(vit);
-                budget.with_module(component, params)
-            }
-        })
+        Some(self.config.planned_budget(self.vit.as_ref()?, &self.plan))
     }
 
-    /// Activation memory of one micro-batch at the configured batch and crops.
+    /// Activation memory of one micro-batch at the configured batch, of what the objective's
+    /// trained model sees.
     pub fn activation_bytes(&self) -> Option<u64> {
-        let c = &self.config.crops;
-        let crops = [(c.global_size, 2), (c.local_size, c.local_crops)];
-        Some(crate::peft::activation_bytes(self.vit.as_ref()?, &self.plan, self.config.optim.batch, &crops))
+        Some(self.config.activation_bytes(self.vit.as_ref()?, &self.plan))
     }
 }
 
@@ -383,11 +374,7 @@ mod tests {
         assert_eq!(s.plan.unfrozen_blocks(), vec![2, 3]);
         assert!(s.apply_preset("blocks:x").unwrap_err().contains("unknown preset"));
         // The activation estimate is the function `explora plan` calls.
-        let c = &s.config.crops;
-        assert_eq!(
-            s.activation_bytes().unwrap(),
-            crate::peft::activation_bytes(&vit, &s.plan, s.config.optim.batch, &[(c.global_size, 2), (c.local_size, c.local_crops)])
-        );
+        assert_eq!(s.activation_bytes().unwrap(), s.config.activation_bytes(&vit, &s.plan));
     }
 
     #[test]
