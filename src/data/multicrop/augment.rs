@@ -239,8 +239,24 @@ fn solarize(img: &mut RgbImage) {
     }
 }
 
-/// Colour jitter, grayscale, blur (probability `blur_p`) and solarisation (`solarize_p`).
+/// Reorders the bands of every pixel: output band `c` is input band `order[c]`.
+fn reorder_bands(img: &mut RgbImage, order: [usize; 3]) {
+    for px in img.pixels_mut() {
+        let p = px.0;
+        px.0 = [p[order[0]], p[order[1]], p[order[2]]];
+    }
+}
+
+/// The five band orders other than the identity.
+const BAND_ORDERS: [[usize; 3]; 5] = [[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+
+/// Band shuffle (when enabled), colour jitter, grayscale, blur (probability `blur_p`) and
+/// solarisation (`solarize_p`).
 fn photometric(crop: &mut RgbImage, cfg: &MultiCropConfig, blur_p: f32, solarize_p: f32, rng: &mut Xoshiro256PlusPlus) {
+    // Draws nothing when off, so runs without it see the random stream they always saw.
+    if cfg.band_shuffle > 0.0 && chance(rng, cfg.band_shuffle) {
+        reorder_bands(crop, BAND_ORDERS[rng.random_range(0..BAND_ORDERS.len())]);
+    }
     if chance(rng, cfg.color_jitter) {
         color_jitter(crop, cfg, rng);
     }
@@ -363,6 +379,34 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 8, "{seen:?}");
+    }
+
+    #[test]
+    fn band_shuffle_reorders_each_views_bands() {
+        // Distinct band values everywhere: a view's band order is readable from any pixel.
+        let img = RgbImage::from_pixel(32, 32, Rgb([200, 100, 30]));
+        let plain =
+            MultiCropConfig { color_jitter: 0.0, grayscale: 0.0, blur_global: [0.0, 0.0], blur_local: 0.0, solarize: 0.0, ..small_crops() };
+        let shuffled = MultiCropConfig { band_shuffle: 1.0, ..plain.clone() };
+        let mut orders = std::collections::HashSet::new();
+        let mut r = rng(5);
+        for _ in 0..40 {
+            let crops = augment(&img, &shuffled, &mut r);
+            for c in crops.globals.iter().chain(&crops.locals) {
+                let p = c.get_pixel(3, 3).0;
+                let mut sorted = p;
+                sorted.sort_unstable();
+                assert_eq!(sorted, [30, 100, 200], "the bands are reordered, not changed");
+                assert!(c.pixels().all(|q| q.0 == p), "one order per view");
+                orders.insert(p);
+            }
+        }
+        // Every order but the original one.
+        assert_eq!(orders.len(), 5, "{orders:?}");
+        assert!(!orders.contains(&[200, 100, 30]));
+        // Off (the default), every view keeps the image's band order.
+        let off = augment(&img, &plain, &mut rng(9));
+        assert!(off.globals.iter().chain(&off.locals).all(|c| c.get_pixel(3, 3).0 == [200, 100, 30]));
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!    imagery, which has no "up";
 //! 2. colour: with probability 0.8 a colour jitter (brightness 0.4, contrast 0.4, saturation
 //!    0.2, hue 0.1, the four operations in a random order), then grayscale with probability
-//!    0.2;
+//!    0.2 (before it, with [`MultiCropConfig::band_shuffle`] > 0, the colour bands are
+//!    reordered: not in DINOv2, for multi-sensor imagery);
 //! 3. blur and solarisation: a Gaussian blur with σ uniform in [0.1, 2.0] (at 224 px) with
 //!    probability 1.0 on the first global crop, 0.1 on the second and 0.5 on local crops; the
 //!    second global crop is also solarised (pixels ≥ 128 inverted) with probability 0.2.
@@ -84,6 +85,11 @@ pub struct MultiCropConfig {
     pub hue: f32,
     /// Probability of converting to grayscale (ITU-R 601 luma, kept as 3 channels).
     pub grayscale: f32,
+    /// Probability of reordering a view's colour bands (one of the five non-identity orders of
+    /// R, G, B, uniformly), before the colour jitter. Not in DINOv2 (0 there): for imagery
+    /// pooled from sensors whose band order and response differ, so that two views of one
+    /// image disagree in band order and the model learns not to rely on it.
+    pub band_shuffle: f32,
     /// Range of the Gaussian blur σ in pixels **for a 224 px crop**; a crop of side `s` uses
     /// σ·s/224, so a blur removes the same fraction of detail at any crop size.
     pub blur_sigma: [f32; 2],
@@ -113,6 +119,7 @@ impl Default for MultiCropConfig {
             saturation: 0.2,
             hue: 0.1,
             grayscale: 0.2,
+            band_shuffle: 0.0,
             blur_sigma: [0.1, 2.0],
             blur_global: [1.0, 0.1],
             blur_local: 0.5,
@@ -164,6 +171,7 @@ impl MultiCropConfig {
             return Err(field_error("crops.hue", format!("must lie in [0, 0.5] (a fraction of a turn), got {}", self.hue)));
         }
         check_probability("crops.grayscale", self.grayscale)?;
+        check_probability("crops.band_shuffle", self.band_shuffle)?;
         let [s0, s1] = self.blur_sigma;
         if !(s0.is_finite() && s1.is_finite() && s0 > 0.0 && s1 > 0.0) {
             return Err(field_error("crops.blur_sigma", format!("values must be finite and > 0, got [{s0}, {s1}]")));
@@ -346,6 +354,7 @@ mod tests {
             ("crops.saturation", |c| c.saturation = f32::INFINITY),
             ("crops.hue", |c| c.hue = 0.7),
             ("crops.grayscale", |c| c.grayscale = f32::NAN),
+            ("crops.band_shuffle", |c| c.band_shuffle = 1.5),
             ("crops.blur_sigma", |c| c.blur_sigma = [0.0, 2.0]),
             ("crops.blur_sigma", |c| c.blur_sigma = [3.0, 2.0]),
             ("crops.blur_global", |c| c.blur_global = [1.0, 2.0]),
