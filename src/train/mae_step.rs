@@ -16,7 +16,7 @@ use super::step::{DeviceSum, PhaseTimer, StepOutcome, StepValues};
 use crate::model::params::accumulate_grads;
 use crate::model::to_vec;
 use crate::objectives::mae::{MaeModel, step_mask};
-use crate::optim::{AdamW, UpdateRule, clip_by_global_norm};
+use crate::optim::{AdamW, clip_by_global_norm};
 
 /// The state of an MAE run between two optimizer steps.
 pub struct MaeState {
@@ -86,15 +86,7 @@ pub fn mae_optimizer_step(
         total.add(now);
     }
     let (norm, grad_scale) = clip_by_global_norm(&grads, config.optim.clip_grad, device);
-    let rule = UpdateRule {
-        lr: values.lr,
-        weight_decay: values.weight_decay,
-        layer_decay: config.optim.layer_decay,
-        depth: state.model.backbone.config().depth,
-        freeze_prototypes: false,
-        // `optim.head_warmup`: a fresh decoder first learns to read the source features.
-        freeze_backbone: state.step < config.optim.head_warmup_steps(config.run.steps),
-    };
+    let rule = values.update_rule(config, state.step, state.model.backbone.config().depth);
     state.model = state.optim.step(state.model, &grads, &grad_scale, rule);
     timer.mark("optimizer");
     // The one read-back of the step.

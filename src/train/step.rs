@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
 
-use super::config::PretrainConfig;
+use super::config::{Objective, PretrainConfig};
 use super::state::TrainState;
 use crate::model::params::accumulate_grads;
 use crate::model::to_vec;
@@ -38,6 +38,25 @@ impl StepValues {
             weight_decay: cosine(wd[0], wd[1], step, total),
             momentum: cosine(o.momentum[0], o.momentum[1], step, total),
             teacher_temp: linear(l.teacher_temp[0], l.teacher_temp[1], step, l.teacher_temp_warmup_steps),
+        }
+    }
+}
+
+impl StepValues {
+    /// The optimizer's rule for 0-based step `step` of a run on a `depth`-block backbone: this
+    /// step's lr and weight decay, the layer-wise decay, DINOv2's prototypes frozen for the
+    /// first `optim.freeze_last_layer_steps`, and the backbone waiting during
+    /// `optim.head_warmup` while a fresh head (DINOv2) or decoder (MAE) learns. UpStep trains
+    /// the backbone's adapters only, so nothing of it waits.
+    pub fn update_rule(&self, config: &PretrainConfig, step: u64, depth: usize) -> UpdateRule {
+        let objective = config.objective;
+        UpdateRule {
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            layer_decay: config.optim.layer_decay,
+            depth,
+            freeze_prototypes: objective == Objective::Dinov2 && step < config.optim.freeze_last_layer_steps,
+            freeze_backbone: objective != Objective::Upstep && step < config.optim.head_warmup_steps(config.run.steps),
         }
     }
 }
@@ -135,14 +154,7 @@ pub fn optimizer_step(
         parts.add(now);
     }
     let (norm, grad_scale) = clip_by_global_norm(&grads, config.optim.clip_grad, device);
-    let rule = UpdateRule {
-        lr: values.lr,
-        weight_decay: values.weight_decay,
-        layer_decay: config.optim.layer_decay,
-        depth: state.student.backbone.config().depth,
-        freeze_prototypes: state.step < config.optim.freeze_last_layer_steps,
-        freeze_backbone: state.step < config.optim.head_warmup_steps(config.run.steps),
-    };
+    let rule = values.update_rule(config, state.step, state.student.backbone.config().depth);
     state.student = state.optim.step(state.student, &grads, &grad_scale, rule);
     timer.mark("optimizer");
     state.teacher = ema_update(state.teacher, &state.student, values.momentum);
@@ -174,5 +186,26 @@ mod tests {
         assert_eq!(first.teacher_temp, c.loss.teacher_temp[0]);
         assert_eq!(StepValues::at(&c, 1_000).teacher_temp, c.loss.teacher_temp[1]);
         assert!((StepValues::at(&c, 100).momentum - c.optim.momentum[1]).abs() < 1e-12);
+    }
+
+    #[test]
+    fn what_waits_at_the_start_depends_on_the_objective() {
+        // The built-in run: prototypes frozen for 5 steps, the backbone for the first third.
+        let mut c = PretrainConfig::builtin();
+        let warmup = c.optim.head_warmup_steps(c.run.steps);
+        assert_eq!((c.optim.freeze_last_layer_steps, warmup), (5, 100));
+        let rule = |c: &PretrainConfig, step: u64| {
+            let r = StepValues::at(c, step).update_rule(c, step, 4);
+            (r.freeze_prototypes, r.freeze_backbone)
+        };
+        assert_eq!([rule(&c, 0), rule(&c, 5), rule(&c, 100)], [(true, true), (false, true), (false, false)]);
+        // MAE: no prototypes; its fresh decoder warms up first.
+        c.objective = Objective::Mae;
+        assert_eq!([rule(&c, 0), rule(&c, 100)], [(false, true), (false, false)]);
+        // UpStep trains the backbone's adapters only: nothing waits.
+        c.objective = Objective::Upstep;
+        assert_eq!(rule(&c, 0), (false, false));
+        let r = StepValues::at(&c, 7).update_rule(&c, 7, 4);
+        assert_eq!((r.lr, r.weight_decay, r.layer_decay, r.depth), (StepValues::at(&c, 7).lr, StepValues::at(&c, 7).weight_decay, 0.9, 4));
     }
 }

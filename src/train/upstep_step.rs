@@ -26,7 +26,7 @@ use crate::engine::JobContext;
 use crate::model::params::{accumulate_grads, for_each_param, map_params, trainable_params};
 use crate::model::{ForwardOptions, Vit, to_vec};
 use crate::objectives::upstep::{SplitMix, centre_drift, codes, log_predictions, mean_direction, spherical_kmeans, swap_loss};
-use crate::optim::{AdamW, UpdateRule, clip_by_global_norm};
+use crate::optim::{AdamW, clip_by_global_norm};
 
 /// The online model: the backbone under the plan (paths `backbone.*`, as the optimizer's
 /// layer-wise rules expect).
@@ -305,14 +305,7 @@ pub fn upstep_optimizer_step(
         Tensor::zeros([1], device)
     } else {
         let (norm, grad_scale) = clip_by_global_norm(&grads, config.optim.clip_grad, device);
-        let rule = UpdateRule {
-            lr: values.lr,
-            weight_decay: values.weight_decay,
-            layer_decay: config.optim.layer_decay,
-            depth: state.online.backbone.config().depth,
-            freeze_prototypes: false,
-            freeze_backbone: false,
-        };
+        let rule = values.update_rule(config, state.step, state.online.backbone.config().depth);
         state.online = state.optim.step(state.online, &grads, &grad_scale, rule);
         timer.mark("optimizer");
         state.offline = ema_update(state.offline, &state.online, u.ema);
