@@ -98,6 +98,14 @@ pub fn map_params<M: Module>(module: M, mut f: impl FnMut(&str, Tensor<1>) -> Op
     module.map(&mut Map { path: Path(Vec::new()), f: &mut f })
 }
 
+/// Sign descent, `p ← p − lr·sign(g)` for every parameter with a gradient: the optimizer of
+/// unit tests that check an objective learns (Adam's first steps move by about this much), so
+/// that they need nothing from `optim`.
+#[cfg(test)]
+pub(crate) fn sign_descent<M: Module>(module: M, grads: &std::collections::HashMap<String, Tensor<1>>, lr: f64) -> M {
+    map_params(module, |path, p| grads.get(path).map(|g| p - g.clone().sign().mul_scalar(lr)))
+}
+
 struct Grads<'a> {
     path: Path,
     grads: &'a Gradients,

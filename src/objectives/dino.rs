@@ -191,9 +191,8 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     use super::*;
-    use crate::model::params::accumulate_grads;
+    use crate::model::params::{accumulate_grads, sign_descent};
     use crate::model::{VitConfig, to_vec};
-    use crate::optim::{AdamW, UpdateRule, clip_by_global_norm};
 
     #[test]
     fn the_student_learns_to_predict_a_fixed_teacher() {
@@ -224,23 +223,19 @@ mod tests {
         };
         let config = LossConfig { ibot_weight: 0.0, koleo_weight: 0.0, centering: Centering::SinkhornKnopp, ..Default::default() };
         let centers = Centers::zeros(16, &device);
-        let mut optim = AdamW::new([0.9, 0.999], 1e-8);
         let mut losses = Vec::new();
-        for _ in 0..60 {
+        for _ in 0..100 {
             let (loss, _) = step_loss(&student, &teacher.clone().train(), &inputs, &centers, &config, 0.04);
             losses.push(to_vec(loss.dino.clone().inner())[0]);
             let backward = loss.total.backward();
             let mut grads = HashMap::new();
             accumulate_grads(&student, &backward, &mut grads);
-            let (_, scale) = clip_by_global_norm(&grads, 3.0, &device);
-            let rule =
-                UpdateRule { lr: 1e-3, weight_decay: 0.0, layer_decay: 1.0, depth: 4, freeze_prototypes: false, freeze_backbone: false };
-            student = optim.step(student, &grads, &scale, rule);
+            student = sign_descent(student, &grads, 1e-4);
         }
         // The SK targets are balanced over the prototypes while the fresh student prefers a few,
         // so it starts above ln K; learning brings it below ln K (a student that gave up and
         // predicted uniformly would sit at ln K).
         let ln_k = 16f32.ln();
-        assert!(losses[0] > ln_k && losses[59] < ln_k - 0.1, "ln K = {ln_k}: {losses:?}");
+        assert!(losses[0] > ln_k && losses[99] < ln_k - 0.1, "ln K = {ln_k}: {losses:?}");
     }
 }
