@@ -288,6 +288,14 @@ fn pipeline_runs_each_objective_beside_the_source_in_one_report() {
         assert!(md.contains(line), "{line} not in\n{md}");
     }
 
+    // One named objective is named the same way.
+    let mut one = tiny_pipeline();
+    one.objectives = vec![Objective::Mae];
+    one.pretrain.mae = config.pretrain.mae.clone();
+    let (single, _) = run(&one, &dir.path().join("one"));
+    assert!(dir.path().join("one/pretrain-mae/backbone.safetensors").exists());
+    assert!(single.rows.iter().any(|r| r.variant == "explora-mae"));
+
     // UpStep's K against the training split, before any pre-training starts.
     let mut many = tiny_pipeline();
     many.objectives = vec![Objective::Dinov2, Objective::Upstep];

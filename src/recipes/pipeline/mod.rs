@@ -244,7 +244,7 @@ pub struct Row {
 /// One method's change from the source backbone to an adapted one on the same test images.
 #[derive(Debug, Clone, Serialize)]
 pub struct Delta {
-    /// The adapted variant (`explora`, or `explora-<objective>` when several were run).
+    /// The adapted variant (`explora`, or `explora-<objective>` when objectives were named).
     pub variant: String,
     pub method: String,
     pub source_top1: f64,
@@ -450,7 +450,8 @@ fn run_comparison(
     for (_, run) in runs.iter().filter(|(_, r)| r.objective == crate::train::Objective::Upstep) {
         run.upstep.check_images(train.len()).map_err(|e| e.within("pipeline config", "pretrain"))?;
     }
-    let several = runs.len() > 1;
+    // Named objectives each get their own folder (even one), as their variants are named.
+    let named = !config.objectives.is_empty();
     let mut finished = finished;
     let mut trained: Vec<(String, PretrainConfig)> = Vec::new();
     let mut pre_data = String::new();
@@ -465,7 +466,7 @@ fn run_comparison(
                 (run.dir, config.pretrain.clone(), run.summary, seconds)
             }
             None => {
-                let folder = if several { format!("pretrain-{}", run_config.objective.name()) } else { "pretrain".to_string() };
+                let folder = if named { format!("pretrain-{}", run_config.objective.name()) } else { "pretrain".to_string() };
                 let pre_dir = out.join(folder);
                 std::fs::create_dir_all(&pre_dir)?;
                 let list = out.join("train-images.txt");
@@ -484,7 +485,7 @@ fn run_comparison(
                     let seconds = s.images_seen as f64 / s.images_per_second.max(1e-9);
                     (s, seconds)
                 } else {
-                    if several {
+                    if named {
                         ctx.info(format!("pre-training with the {} objective into {}", pre_config.objective.name(), pre_dir.display()));
                     }
                     let resume = !crate::train::state::list(&pre_dir).is_empty();
