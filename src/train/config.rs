@@ -666,17 +666,11 @@ impl PretrainConfig {
     pub fn activation_bytes(&self, vit: &VitConfig, plan: &crate::peft::AdaptationPlan) -> u64 {
         let c = &self.crops;
         let batch = self.optim.batch;
-        let patches = |side: u32| (side as usize / vit.patch_size.max(1)).pow(2);
         match self.objective {
-            Objective::Dinov2 => crate::peft::activation_bytes_for_tokens(
-                vit,
-                plan,
-                batch,
-                &[(patches(c.global_size), 2), (patches(c.local_size), c.local_crops)],
-            ),
-            Objective::Upstep => crate::peft::activation_bytes_for_tokens(vit, plan, batch, &[(patches(c.global_size), 2)]),
+            Objective::Dinov2 => crate::peft::activation_bytes(vit, plan, batch, &[(c.global_size, 2), (c.local_size, c.local_crops)]),
+            Objective::Upstep => crate::peft::activation_bytes(vit, plan, batch, &[(c.global_size, 2)]),
             Objective::Mae => {
-                let n = patches(c.global_size);
+                let n = (c.global_size as usize / vit.patch_size.max(1)).pow(2);
                 let visible = crate::objectives::mae::PatchMask::visible(n, self.mae.mask_ratio);
                 let encoder = crate::peft::activation_bytes_for_tokens(vit, plan, batch, &[(visible, 1)]);
                 let d = self.mae.decoder();

@@ -321,6 +321,11 @@ impl PipelineSummary {
     }
 }
 
+/// The name of the variant that ensembles `variant`'s features with the source backbone's.
+fn ensemble_name(variant: &str) -> String {
+    format!("{variant}+source")
+}
+
 struct Variant {
     name: String,
     /// The backbone file (`None` for an ensemble of two).
@@ -452,31 +457,35 @@ fn run_comparison(
     }
     // Named objectives each get their own folder (even one), as their variants are named.
     let named = !config.objectives.is_empty();
+    // What the runs trained on; the training split's list is written once for all of them.
+    let list = out.join("train-images.txt");
+    let pre_data = match &finished {
+        Some(_) => match (&config.pretrain.data.images, &config.pretrain.data.list) {
+            (Some(p), _) | (None, Some(p)) => format!("`{}`", p.display()),
+            (None, None) => "procedural tiles".to_string(),
+        },
+        None => {
+            let lines: String = train.iter().map(|(p, _)| format!("{}\n", p.display())).collect();
+            std::fs::write(&list, lines)?;
+            "the training split (labels unused)".to_string()
+        }
+    };
     let mut finished = finished;
     let mut trained: Vec<(String, PretrainConfig)> = Vec::new();
-    let mut pre_data = String::new();
     for (name, run_config) in runs {
         let (pre_dir, pre_config, pre_summary, pre_seconds) = match finished.take() {
             Some(run) => {
                 let seconds = run.summary.images_seen as f64 / run.summary.images_per_second.max(1e-9);
-                pre_data = match (&config.pretrain.data.images, &config.pretrain.data.list) {
-                    (Some(p), _) | (None, Some(p)) => format!("`{}`", p.display()),
-                    (None, None) => "procedural tiles".to_string(),
-                };
                 (run.dir, config.pretrain.clone(), run.summary, seconds)
             }
             None => {
                 let folder = if named { format!("pretrain-{}", run_config.objective.name()) } else { "pretrain".to_string() };
                 let pre_dir = out.join(folder);
                 std::fs::create_dir_all(&pre_dir)?;
-                let list = out.join("train-images.txt");
-                let lines: String = train.iter().map(|(p, _)| format!("{}\n", p.display())).collect();
-                std::fs::write(&list, lines)?;
                 let mut pre_config = run_config;
                 pre_config.model = ModelSection { weights: Some(source_weights.clone()), arch: config.model.arch.clone() };
-                pre_config.data.list = Some(list);
+                pre_config.data.list = Some(list.clone());
                 pre_config.run.seed = seed;
-                pre_data = "the training split (labels unused)".to_string();
                 let began = Instant::now();
                 let summary_path = pre_dir.join("summary.json");
                 let (pre_summary, seconds) = if summary_path.exists() {
@@ -517,7 +526,7 @@ fn run_comparison(
         // UpStep keeps its base model: its features beside the adapted ones are a third row
         // (the base model alone is the source row).
         if pre_config.objective == crate::train::Objective::Upstep {
-            let ensemble = Variant { name: format!("{name}+source"), weights: None, ..adapted };
+            let ensemble = Variant { name: ensemble_name(&name), weights: None, ..adapted };
             ctx.info(format!("evaluating the {} ensemble (adapted and base features, each L2-normalised, concatenated)", ensemble.name));
             if !score(&ensemble, &adapted_features.ensemble(&source_features), &setting, device, ctx, &mut summary)? {
                 summary.stopped = true;

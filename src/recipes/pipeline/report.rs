@@ -74,7 +74,7 @@ pub(super) fn report_md(
         runs.iter()
             .map(|(variant, pre)| {
                 let ensemble = if pre.objective == crate::train::Objective::Upstep {
-                    format!("; `{variant}+source` is the ensemble of its features with the base (source) model's")
+                    format!("; `{}` is the ensemble of its features with the base (source) model's", super::ensemble_name(variant))
                 } else {
                     String::new()
                 };
