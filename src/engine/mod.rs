@@ -80,7 +80,8 @@ pub enum Event {
 }
 
 /// A few samples of a training batch as images: per sample its two global crops (with the
-/// iBOT masks of each, row-major over `grid`×`grid` patches) and its local crops.
+/// iBOT masks of each, row-major over `grid`×`grid` patches) and its local crops; for MAE, the
+/// one crop it reconstructs, with the step's patch mask, and the reconstruction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchPreview {
     pub step: u64,
@@ -97,6 +98,9 @@ pub struct SamplePreview {
     /// `globals.len() × grid²` masks, crop after crop (true = masked).
     pub masks: Vec<bool>,
     pub locals: Vec<image::RgbImage>,
+    /// MAE: the crop as the model reconstructs it after the step (masked patches predicted by
+    /// the decoder, visible ones as they were).
+    pub reconstruction: Option<image::RgbImage>,
 }
 
 /// Which CLS-attention map a face wants from a running job.

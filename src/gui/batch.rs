@@ -1,6 +1,6 @@
 //! Batch viewer: the current training batch as thumbnails — per sample its source image, its two global crops
-//! with the iBOT mask drawn over the masked patches, then its local crops; click one to
-//! enlarge it.
+//! with the iBOT mask drawn over the masked patches, then its local crops (for MAE: the crop it
+//! reconstructs with the step's patch mask, and the reconstruction); click one to enlarge it.
 
 use std::sync::Arc;
 
@@ -18,6 +18,8 @@ struct Thumb {
     /// The crop's mask (`grid²`), for global crops.
     mask: Option<Vec<bool>>,
     label: String,
+    /// Shown large (source images, global crops, reconstructions) rather than small (local crops).
+    large: bool,
 }
 
 #[derive(Default)]
@@ -28,6 +30,8 @@ pub struct BatchPanel {
     grid: usize,
     /// `(sample, crop)` of the enlarged crop.
     pub enlarged: Option<(usize, usize)>,
+    /// Whether the batch shows MAE reconstructions.
+    mae: bool,
 }
 
 fn draw_mask(ui: &Ui, rect: Rect, mask: &[bool], grid: usize) {
@@ -47,32 +51,49 @@ fn draw_mask(ui: &Ui, rect: Rect, mask: &[bool], grid: usize) {
 impl BatchPanel {
     fn load(&mut self, ctx: &egui::Context, preview: &Arc<BatchPreview>) {
         self.grid = preview.grid;
+        self.mae = preview.samples.iter().any(|s| s.reconstruction.is_some());
         let n = preview.grid * preview.grid;
+        let texture = |name: String, img: &image::RgbImage, options| ctx.load_texture(name, rgb_to_color_image(img), options);
+        let mae = self.mae;
         self.thumbs = preview
             .samples
             .iter()
             .enumerate()
             .map(|(j, sample)| {
-                let globals = sample.globals.iter().enumerate().map(|(k, img)| Thumb {
-                    texture: ctx.load_texture(format!("batch-{j}-g{k}"), rgb_to_color_image(img), egui::TextureOptions::NEAREST),
-                    mask: sample.masks.get(k * n..(k + 1) * n).map(<[bool]>::to_vec),
-                    label: format!(
-                        "sample {j}, global crop {k} ({} px, {} patches masked)",
-                        img.width(),
-                        sample.masks.get(k * n..(k + 1) * n).map_or(0, |m| m.iter().filter(|&&b| b).count())
-                    ),
+                let globals = sample.globals.iter().enumerate().map(|(k, img)| {
+                    let mask = sample.masks.get(k * n..(k + 1) * n);
+                    let hidden = mask.map_or(0, |m| m.iter().filter(|&&b| b).count());
+                    let label = if mae {
+                        format!("sample {j}, input crop ({} px, {hidden} of {n} patches masked)", img.width())
+                    } else {
+                        format!("sample {j}, global crop {k} ({} px, {hidden} patches masked)", img.width())
+                    };
+                    Thumb {
+                        texture: texture(format!("batch-{j}-g{k}"), img, egui::TextureOptions::NEAREST),
+                        mask: mask.map(<[bool]>::to_vec),
+                        label,
+                        large: true,
+                    }
+                });
+                let reconstruction = sample.reconstruction.iter().map(|img| Thumb {
+                    texture: texture(format!("batch-{j}-r"), img, egui::TextureOptions::NEAREST),
+                    mask: None,
+                    label: format!("sample {j}, reconstruction after step {} (masked patches predicted)", preview.step),
+                    large: true,
                 });
                 let locals = sample.locals.iter().enumerate().map(|(k, img)| Thumb {
-                    texture: ctx.load_texture(format!("batch-{j}-l{k}"), rgb_to_color_image(img), egui::TextureOptions::NEAREST),
+                    texture: texture(format!("batch-{j}-l{k}"), img, egui::TextureOptions::NEAREST),
                     mask: None,
                     label: format!("sample {j}, local crop {k} ({} px)", img.width()),
+                    large: false,
                 });
                 let source = sample.source.iter().map(|img| Thumb {
-                    texture: ctx.load_texture(format!("batch-{j}-s"), rgb_to_color_image(img), egui::TextureOptions::LINEAR),
+                    texture: texture(format!("batch-{j}-s"), img, egui::TextureOptions::LINEAR),
                     mask: None,
                     label: format!("sample {j}, source image ({}×{} thumbnail)", img.width(), img.height()),
+                    large: true,
                 });
-                source.chain(globals).chain(locals).collect()
+                source.chain(globals).chain(reconstruction).chain(locals).collect()
             })
             .collect();
         self.shown_step = Some(preview.step);
@@ -103,13 +124,23 @@ impl BatchPanel {
         if self.shown_step != Some(preview.step) {
             self.load(ui.ctx(), &preview);
         }
-        ui.label(format!(
-            "batch of step {}: {} samples shown — the source image, its two global crops (iBOT-masked patches tinted blue, {}×{} patches) and its local crops; click one to enlarge it",
-            preview.step,
-            preview.samples.len(),
-            self.grid,
-            self.grid
-        ));
+        if self.mae {
+            ui.label(format!(
+                "batch of step {}: {} samples shown — the source image, the crop MAE reconstructs (masked patches tinted blue: the encoder sees only the others, {}×{} patches) and the reconstruction after the step; click one to enlarge it",
+                preview.step,
+                preview.samples.len(),
+                self.grid,
+                self.grid
+            ));
+        } else {
+            ui.label(format!(
+                "batch of step {}: {} samples shown — the source image, its two global crops (iBOT-masked patches tinted blue, {}×{} patches) and its local crops; click one to enlarge it",
+                preview.step,
+                preview.samples.len(),
+                self.grid,
+                self.grid
+            ));
+        }
         let mut close = false;
         if let Some((j, k)) = self.enlarged
             && let Some(thumb) = self.thumbs.get(j).and_then(|t| t.get(k))
@@ -130,11 +161,7 @@ impl BatchPanel {
                 ui.horizontal(|ui| {
                     ui.label(format!("sample {j}"));
                     for (k, thumb) in thumbs.iter().enumerate() {
-                        let size = if thumb.mask.is_some() || (k == 0 && preview.samples.get(j).is_some_and(|s| s.source.is_some())) {
-                            96.0
-                        } else {
-                            56.0
-                        };
+                        let size = if thumb.large { 96.0 } else { 56.0 };
                         if self.thumb(ui, thumb, size).clicked() {
                             clicked = Some((j, k));
                         }

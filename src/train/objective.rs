@@ -15,7 +15,7 @@ use super::step::{StepOutcome, StepValues, optimizer_step};
 use super::upstep_step::{UpstepState, run_centres, strip_adapters, upstep_optimizer_step};
 use crate::checkpoint::load_mae_decoder;
 use crate::data::{CropBatch, ImageSource, MaskConfig, MultiCropConfig, Preprocess, ProceduralDomain};
-use crate::engine::JobContext;
+use crate::engine::{BatchPreview, JobContext};
 use crate::model::Vit;
 use crate::model::params::for_each_param;
 use crate::objectives::MaskedPatches;
@@ -165,6 +165,42 @@ impl Trainer {
             Trainer::Mae(s) => Trainer::Mae(Box::new(s.restore(found, device)?)),
             Trainer::Upstep(s) => Trainer::Upstep(Box::new(s.restore(found, device)?)),
         })
+    }
+
+    /// For MAE, what the app's batch viewer shows of optimizer step `step` (0-based, just
+    /// taken): each previewed sample's input crop with the patch mask that step trained on
+    /// (micro-batch 0 of `batch` images) and the model's reconstruction of it after the step.
+    /// `globals`: the first global crop of each previewed sample (CHW, normalised). The other
+    /// objectives' previews are left as they are.
+    pub fn annotate_preview(
+        &self,
+        preview: &mut BatchPreview,
+        globals: &[f32],
+        batch: usize,
+        config: &PretrainConfig,
+        step: u64,
+        device: &Device,
+    ) {
+        let Trainer::Mae(s) = self else { return };
+        let n = preview.samples.len();
+        let size = config.crops.global_size as usize;
+        let patch = s.model.backbone.config().patch_size;
+        let plane = 3 * size * size;
+        if n == 0 || n > batch || globals.len() != n * plane {
+            return;
+        }
+        let all = step_mask(config.run.seed, step, 0, batch, (size / patch) * (size / patch), config.mae.mask_ratio);
+        let patches = all.patches;
+        let mask = PatchMask { patches, keep: all.keep[..n].to_vec(), masked: all.masked[..n * patches].to_vec() };
+        let images = Tensor::<4>::from_data(TensorData::new(globals.to_vec(), [n, 3, size, size]), device);
+        let pred = s.model.clone().valid().forward(images.clone(), &mask);
+        let recon = crate::model::to_vec(reconstruct(pred, images, patch, config.mae.norm_pix));
+        for (j, sample) in preview.samples.iter_mut().enumerate() {
+            let pasted = paste(&globals[j * plane..(j + 1) * plane], &recon[j * plane..(j + 1) * plane], &mask, j, size, patch);
+            sample.globals.truncate(1);
+            sample.masks = mask.masked[j * patches..(j + 1) * patches].to_vec();
+            sample.reconstruction = Some(crate::data::denormalize_chw_to_rgb(&pasted, size as u32, size as u32));
+        }
     }
 
     /// What the objective leaves in the run folder when the run ends: for MAE,

@@ -259,6 +259,8 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     // The source backbone for attention requests, loaded on the first one.
     let mut source_model: Option<Vit> = None;
     let mut last_preview: Option<Instant> = None;
+    // MAE: a preview waiting for the step's reconstructions (the first global crops it shows).
+    let mut reconstruct_later: Option<(BatchPreview, Vec<f32>, usize)> = None;
     while state.step() < total {
         let flow = ctx.checkpoint_with(|request| {
             match answer_attention(&request, &config, &mut source_model, state.student(), state.step(), device) {
@@ -278,7 +280,14 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
             // Pictures of the batch for the app, at most every two seconds.
             if micro == 0 && last_preview.is_none_or(|t| t.elapsed().as_secs_f64() >= 2.0) {
                 last_preview = Some(Instant::now());
-                ctx.emit(Event::BatchPreview(Arc::new(batch_preview(&batch, preview_source.as_ref(), step + 1, 8))));
+                let preview = batch_preview(&batch, preview_source.as_ref(), step + 1, 8);
+                if config.objective == Objective::Mae {
+                    // Shown after the step, with the model's reconstructions of these crops.
+                    let shown = preview.samples.len() * batch.global_values();
+                    reconstruct_later = Some((preview, batch.globals[..shown].to_vec(), batch.batch));
+                } else {
+                    ctx.emit(Event::BatchPreview(Arc::new(preview)));
+                }
             }
             for (path, reason) in &batch.skipped {
                 summary.skipped_files += 1;
@@ -298,6 +307,10 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
             Ok(batch)
         })?;
         state = next;
+        if let Some((mut preview, globals, batch)) = reconstruct_later.take() {
+            state.annotate_preview(&mut preview, &globals, batch, &config, step, device);
+            ctx.emit(Event::BatchPreview(Arc::new(preview)));
+        }
         if let Some((what, bad)) = outcome.non_finite() {
             anyhow::bail!(
                 "the {what} became {bad} at step {}; nothing after the last good checkpoint ({}) was saved. \
@@ -415,6 +428,7 @@ fn batch_preview(batch: &CropBatch, source: &dyn ImageSource, step: u64, max: us
                 .filter_map(|k| batch.locals.get((k * b + j) * lv..(k * b + j + 1) * lv))
                 .map(|d| image(d, ls))
                 .collect(),
+            reconstruction: None,
         })
         .collect();
     BatchPreview { step, grid: batch.grid(), samples }

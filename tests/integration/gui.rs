@@ -327,3 +327,57 @@ fn the_setup_panel_chooses_the_objective_and_shows_maes_knobs_only_for_mae() {
     harness.get_by_label("iterations skipped / backward passes (total)");
     harness.get_by_label("loss (total, swapped codes, centre regulariser)");
 }
+
+#[test]
+fn the_batch_viewer_shows_maes_masks_and_reconstructions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut harness = app_harness(&dir.path().join("run"));
+    harness.run_steps(2);
+    harness.get_by_label_contains("MAE (masked-patch reconstruction").click();
+    harness.run_steps(2);
+    {
+        let config = &mut harness.state_mut().state.config;
+        assert_eq!(config.objective, explora::train::Objective::Mae);
+        // A small fresh decoder keeps the steps short.
+        (config.mae.decoder_width, config.mae.decoder_depth, config.mae.decoder_heads) = (32, 1, 2);
+        config.evaluate.after_training = false;
+    }
+    open_tab(&mut harness, Tab::Training);
+    harness.get_by_label("Start").click();
+    step_until(&mut harness, "a batch with reconstructions", Duration::from_secs(240), |app| {
+        app.state.batch.as_ref().is_some_and(|b| b.samples.iter().all(|s| s.reconstruction.is_some()))
+    });
+    harness.get_by_label("Pause").click();
+    step_until(&mut harness, "the pause", Duration::from_secs(120), |app| app.state.run.as_ref().unwrap().paused);
+
+    let preview = harness.state().state.batch.clone().unwrap();
+    let sample = &preview.samples[0];
+    let ratio = harness.state().state.config.mae.mask_ratio;
+    let patches = preview.grid * preview.grid;
+    assert_eq!(sample.globals.len(), 1, "MAE reconstructs one crop per image");
+    assert_eq!(sample.masks.iter().filter(|&&m| m).count(), patches - explora::objectives::mae::PatchMask::visible(patches, ratio));
+    let (input, recon) = (&sample.globals[0], sample.reconstruction.as_ref().unwrap());
+    assert_eq!(input.dimensions(), recon.dimensions());
+    // Visible patches are kept as they were; masked ones are the decoder's prediction.
+    let patch = input.width() as usize / preview.grid;
+    let (mut same_visible, mut visible, mut changed_masked) = (0, 0, 0);
+    for (x, y, p) in input.enumerate_pixels() {
+        let masked = sample.masks[(y as usize / patch) * preview.grid + x as usize / patch];
+        let q = recon.get_pixel(x, y);
+        if masked {
+            changed_masked += usize::from(p != q);
+        } else {
+            visible += 1;
+            same_visible += usize::from(p == q);
+        }
+    }
+    assert_eq!(same_visible, visible, "visible patches must be shown as they were");
+    assert!(changed_masked > 0, "the masked patches show no prediction");
+
+    open_tab(&mut harness, Tab::Batch);
+    assert_eq!(harness.state().batch.thumbnails(), 4 * 3, "4 samples × (source + input crop + reconstruction)");
+    snapshot(&mut harness, "batch-mae", &["sample 0, input crop", "sample 0, reconstruction after step", "the crop MAE reconstructs"]);
+
+    harness.state_mut().state.send(explora::engine::Command::Stop);
+    step_until(&mut harness, "the stop", Duration::from_secs(120), |app| !app.state.is_running());
+}
