@@ -485,9 +485,17 @@ impl PretrainConfig {
     /// The built-in run, a miniature of the paper: the shipped source backbone (the tiny ViT
     /// that explora pre-trained on the procedural *source* domain,
     /// `assets/recipes/source-tiny.toml`) adapted with ExPLoRA to the shifted *target*
-    /// domain (tiles from many sensors, hazy, at half the ground resolution); about a minute on
-    /// two CPU cores. Its teacher targets use Sinkhorn-Knopp: softmax centering collapses the
-    /// small head of a tiny backbone to uniform outputs within a few dozen steps.
+    /// domain (tiles from many sensors, hazy, at half the ground resolution); about two and a
+    /// half minutes on two CPU cores. Its teacher targets use Sinkhorn-Knopp: softmax centering
+    /// collapses the small head of a tiny backbone to uniform outputs within a few dozen steps.
+    ///
+    /// The views and the schedule were chosen on validation runs (`run.seed` 1 and 2: other
+    /// training, monitor and evaluation tiles than the default's) by the k-NN monitor; see the
+    /// README. Two 80-100 % crops whose colour bands are reordered (the target's nuisance: each
+    /// tile's sensor has its own band order), no local crops and no colour jitter: with
+    /// DINOv2's views the student cannot match the other view's assignment within a few hundred
+    /// steps. A teacher that follows the student (0.99 → 0.999, not → 1.0) and a head warm-up
+    /// of a tenth of the run, so that the backbone trains for most of it.
     pub fn builtin() -> Self {
         let mut c = Self::default();
         c.model.weights = Some(PathBuf::from(crate::checkpoint::builtin::SOURCE_TINY));
@@ -499,11 +507,16 @@ impl PretrainConfig {
         c.data.procedural_size = 96;
         c.crops.global_size = 64;
         c.crops.local_size = 32;
-        c.crops.local_crops = 4;
+        c.crops.local_crops = 0;
+        c.crops.global_scale = [0.8, 1.0];
+        c.crops.color_jitter = 0.0;
+        c.crops.grayscale = 0.0;
+        c.crops.solarize = 0.0;
+        c.crops.band_shuffle = 1.0;
         // 256 prototypes: Sinkhorn-Knopp spreads a batch of 32 teacher views evenly over the
         // prototypes, so with 1,024 its targets are nearly uniform.
         c.head = HeadConfig { layers: 3, hidden: 256, bottleneck: 64, prototypes: 256 };
-        c.optim.head_warmup = 1.0 / 3.0;
+        c.optim.head_warmup = 0.1;
         c.loss.teacher_temp_warmup_steps = 30;
         c.optim.batch = 16;
         c.optim.accumulation = 1;
@@ -512,14 +525,14 @@ impl PretrainConfig {
         c.optim.base_lr = Some(2e-3);
         c.optim.warmup_steps = 10;
         c.optim.freeze_last_layer_steps = 5;
-        c.optim.momentum = [0.99, 1.0];
-        c.monitor.knn_every = 100;
+        c.optim.momentum = [0.99, 0.999];
+        c.monitor.knn_every = 150;
         c.monitor.knn_max_images = 200;
         c.evaluate.after_training = true;
         c.monitor.knn_k = 10;
         c.loss.centering = crate::objectives::Centering::SinkhornKnopp;
-        c.run.steps = 300;
-        c.run.checkpoint_every = 100;
+        c.run.steps = 450;
+        c.run.checkpoint_every = 150;
         c.run.preview_every = 50;
         c
     }
@@ -528,7 +541,6 @@ impl PretrainConfig {
     /// finishes in a few minutes on two CPU cores.
     pub fn builtin_software() -> Self {
         let mut c = Self::builtin();
-        c.crops.local_crops = 2;
         c.optim.batch = 8;
         c.optim.reference_batch = Some(8);
         c.monitor.knn_every = 12;
