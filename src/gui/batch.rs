@@ -133,8 +133,9 @@ impl BatchPanel {
                 self.grid
             ));
         } else {
+            let locals = if preview.samples.iter().any(|s| !s.locals.is_empty()) { " and its local crops" } else { "" };
             ui.label(format!(
-                "batch of step {}: {} samples shown — the source image, its two global crops (iBOT-masked patches tinted blue, {}×{} patches) and its local crops; click one to enlarge it",
+                "batch of step {}: {} samples shown — the source image, its two global crops (iBOT-masked patches tinted blue, {}×{} patches){locals}; click one to enlarge it",
                 preview.step,
                 preview.samples.len(),
                 self.grid,
