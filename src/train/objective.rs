@@ -192,11 +192,8 @@ impl Trainer {
         let all = step_mask(config.run.seed, step, 0, batch, (size / patch) * (size / patch), config.mae.mask_ratio);
         let patches = all.patches;
         let mask = PatchMask { patches, keep: all.keep[..n].to_vec(), masked: all.masked[..n * patches].to_vec() };
-        let images = Tensor::<4>::from_data(TensorData::new(globals.to_vec(), [n, 3, size, size]), device);
-        let pred = s.model.clone().valid().forward(images.clone(), &mask);
-        let recon = crate::model::to_vec(reconstruct(pred, images, patch, config.mae.norm_pix));
-        for (j, sample) in preview.samples.iter_mut().enumerate() {
-            let pasted = paste(&globals[j * plane..(j + 1) * plane], &recon[j * plane..(j + 1) * plane], &mask, j, size, patch);
+        let pasted = reconstructed(&s.model.clone().valid(), globals, &mask, size, config.mae.norm_pix, device);
+        for ((j, sample), pasted) in preview.samples.iter_mut().enumerate().zip(pasted) {
             sample.globals.truncate(1);
             sample.masks = mask.masked[j * patches..(j + 1) * patches].to_vec();
             sample.reconstruction = Some(crate::data::denormalize_chw_to_rgb(&pasted, size as u32, size as u32));
@@ -342,22 +339,33 @@ fn reconstruction_sheet(model: &MaeModel, config: &PretrainConfig, tiles: &[Vec<
         return image::RgbImage::new(1, 1);
     }
     let data: Vec<f32> = tiles.iter().flatten().copied().collect();
-    let images = Tensor::<4>::from_data(TensorData::new(data.clone(), [n, 3, s, s]), device);
     let mask = step_mask(config.run.seed ^ 0x5245_4300, 0, 0, n, g * g, config.mae.mask_ratio);
-    let pred = model.forward(images.clone(), &mask);
-    let recon = crate::model::to_vec(reconstruct(pred, images, patch, config.mae.norm_pix));
-    let plane = 3 * s * s;
-    let rows: Vec<Vec<image::RgbImage>> = (0..n)
-        .map(|j| {
-            let input = &data[j * plane..(j + 1) * plane];
-            let masked = paste(input, &recon[j * plane..(j + 1) * plane], &mask, j, s, patch);
+    let pasted = reconstructed(model, &data, &mask, s, config.mae.norm_pix, device);
+    let rows: Vec<Vec<image::RgbImage>> = tiles
+        .iter()
+        .zip(&pasted)
+        .enumerate()
+        .map(|(j, (input, masked))| {
             let rgb = |d: &[f32]| crate::data::denormalize_chw_to_rgb(d, s as u32, s as u32);
             let mut hidden = rgb(input);
             grey_out(&mut hidden, &mask, j, g, patch);
-            vec![rgb(input), hidden, rgb(&masked)]
+            vec![rgb(input), hidden, rgb(masked)]
         })
         .collect();
     crate::inspect::grid_sheet(&rows)
+}
+
+/// Each of the `mask.keep.len()` images in `data` (CHW, `s × s`, normalised, one after
+/// another) with its masked patches replaced by `model`'s reconstruction, as the sheet and the
+/// app's batch viewer show it.
+fn reconstructed(model: &MaeModel, data: &[f32], mask: &PatchMask, s: usize, norm_pix: bool, device: &Device) -> Vec<Vec<f32>> {
+    let n = mask.keep.len();
+    let patch = model.backbone.config().patch_size;
+    let plane = 3 * s * s;
+    let images = Tensor::<4>::from_data(TensorData::new(data.to_vec(), [n, 3, s, s]), device);
+    let pred = model.forward(images.clone(), mask);
+    let recon = crate::model::to_vec(reconstruct(pred, images, patch, norm_pix));
+    (0..n).map(|j| paste(&data[j * plane..(j + 1) * plane], &recon[j * plane..(j + 1) * plane], mask, j, s, patch)).collect()
 }
 
 /// `input` with the masked patches of image `j` taken from `recon` (both CHW, `s × s`).

@@ -40,9 +40,7 @@ impl StepValues {
             teacher_temp: linear(l.teacher_temp[0], l.teacher_temp[1], step, l.teacher_temp_warmup_steps),
         }
     }
-}
 
-impl StepValues {
     /// The optimizer's rule for 0-based step `step` of a run on a `depth`-block backbone: this
     /// step's lr and weight decay, the layer-wise decay, DINOv2's prototypes frozen for the
     /// first `optim.freeze_last_layer_steps`, and the backbone waiting during
