@@ -4,6 +4,7 @@
 
 mod config;
 mod convpass;
+mod cpu;
 mod lora;
 mod memory;
 pub mod params;
@@ -12,6 +13,7 @@ mod vit;
 
 pub use config::{Family, VitConfig, VitConfigError};
 pub use convpass::Convpass;
+pub use cpu::gelu;
 pub use lora::Lora;
 pub use memory::{MemoryTask, memory_mask};
 pub use params::to_vec;

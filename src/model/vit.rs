@@ -8,13 +8,15 @@ use std::sync::Mutex;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use super::config::VitConfig;
 use super::convpass::Convpass;
+use super::cpu;
+use super::cpu::gelu;
 use super::lora::Lora;
 use super::memory::{MemoryTask, memory_mask};
 use super::pos_embed::bicubic_weights;
@@ -97,11 +99,14 @@ impl Attention {
         let v = adapted(qkv.narrow(2, 2 * d, d), &self.lora_v, &kv_input);
         let heads = |t: Tensor<3>, len: usize| t.reshape([b, len, h, dh]).swap_dims(1, 2); // [B, H, len, Dh]
         if !return_probs && bias.is_none() {
-            // The backend's fused attention (flash kernels on CubeCL without autodiff, tiled
-            // kernels on the CPU backend; autodiff falls back to the explicit form below).
-            let context = attention(heads(q, n), heads(k, nk), heads(v, nk), None, None, AttentionModuleOptions::default())
-                .swap_dims(1, 2)
-                .reshape([b, n, d]);
+            // Without gradients on the CPU backend, explora's own kernel; otherwise the
+            // backend's fused attention (flash kernels on CubeCL without autodiff; autodiff
+            // falls back to the explicit form below).
+            let context = cpu::attention(&q, &k, &v, h).unwrap_or_else(|| {
+                attention(heads(q, n), heads(k, nk), heads(v, nk), None, None, AttentionModuleOptions::default())
+                    .swap_dims(1, 2)
+                    .reshape([b, n, d])
+            });
             let out = adapted(self.proj.forward(context.clone()), &self.lora_proj, &context);
             return (out, None);
         }

@@ -1,9 +1,9 @@
 //! The DINO/iBOT projection head (DINOv2's `DINOHead`): an MLP to a bottleneck, L2
 //! normalisation, then a weight-normalised linear layer onto the prototypes.
 
+use crate::model::gelu;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear};
-use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
 /// Sizes of the head. The paper's (DINOv2's) defaults are 3 layers, 2048 hidden, 256
