@@ -204,6 +204,10 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
         let n = (g / vit.patch_size).pow(2);
         let masked_per_crop = ((n as f64 * MASK_RATIO).round() as usize).clamp(1, n);
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(config.seed);
+        // The images are drawn once, as the reference does; each step draws its own masks.
+        let normal = Distribution::Normal(0.0, 1.0);
+        let globals = Tensor::<4>::random([2 * b, 3, g, g], normal, &ad);
+        let locals = (config.locals > 0).then(|| Tensor::<4>::random([config.locals * b, 3, l, l], normal, &ad));
         let mut inputs = || -> StepInputs {
             let mut masks = vec![false; 2 * b * n];
             for crop in masks.chunks_mut(n) {
@@ -215,10 +219,9 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
                 }
             }
             let mask_values: Vec<f32> = masks.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
-            let normal = Distribution::Normal(0.0, 1.0);
             StepInputs {
-                globals: Tensor::random([2 * b, 3, g, g], normal, &ad),
-                locals: (config.locals > 0).then(|| Tensor::random([config.locals * b, 3, l, l], normal, &ad)),
+                globals: globals.clone(),
+                locals: locals.clone(),
                 masks: Tensor::<2>::from_data(burn::tensor::TensorData::new(mask_values, [2 * b, n]), &ad).greater_elem(0.5),
                 masked: MaskedPatches::new(&masks, n, 2 * b * masked_per_crop, &ad),
                 batch: b,
