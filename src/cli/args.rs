@@ -199,7 +199,7 @@ pub struct DefaultArgs {
     /// Run folder (default: runs/default-<UTC time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Optimizer steps (default 300; 24 on software Vulkan).
+    /// Optimizer steps (default: the built-in run's, 900; 24 on software Vulkan).
     #[arg(long)]
     pub steps: Option<u64>,
     #[arg(long, default_value_t = 0)]

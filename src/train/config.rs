@@ -531,7 +531,7 @@ impl PretrainConfig {
         c.evaluate.after_training = true;
         c.monitor.knn_k = 10;
         c.loss.centering = crate::objectives::Centering::SinkhornKnopp;
-        c.run.steps = 450;
+        c.run.steps = 900;
         c.run.checkpoint_every = 150;
         c.run.preview_every = 50;
         c

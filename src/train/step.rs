@@ -191,15 +191,15 @@ mod tests {
         // The built-in run: prototypes frozen for 5 steps, the backbone for the first tenth.
         let mut c = PretrainConfig::builtin();
         let warmup = c.optim.head_warmup_steps(c.run.steps);
-        assert_eq!((c.optim.freeze_last_layer_steps, warmup), (5, 45));
+        assert_eq!((c.optim.freeze_last_layer_steps, warmup), (5, 90));
         let rule = |c: &PretrainConfig, step: u64| {
             let r = StepValues::at(c, step).update_rule(c, step, 4);
             (r.freeze_prototypes, r.freeze_backbone)
         };
-        assert_eq!([rule(&c, 0), rule(&c, 5), rule(&c, 44), rule(&c, 45)], [(true, true), (false, true), (false, true), (false, false)]);
+        assert_eq!([rule(&c, 0), rule(&c, 5), rule(&c, 89), rule(&c, 90)], [(true, true), (false, true), (false, true), (false, false)]);
         // MAE: no prototypes; its fresh decoder warms up first.
         c.objective = Objective::Mae;
-        assert_eq!([rule(&c, 0), rule(&c, 45)], [(false, true), (false, false)]);
+        assert_eq!([rule(&c, 0), rule(&c, 90)], [(false, true), (false, false)]);
         // UpStep trains the backbone's adapters only: nothing waits.
         c.objective = Objective::Upstep;
         assert_eq!(rule(&c, 0), (false, false));
