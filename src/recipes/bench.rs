@@ -229,10 +229,16 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
                 local_crops: config.locals,
             }
         };
+        // EXPLORA_PROFILE (as for `pretrain`): each step's phases, timed with a device sync.
+        let profile = std::env::var_os("EXPLORA_PROFILE").is_some();
         let mut step = |state: TrainState| -> anyhow::Result<TrainState> {
-            let (state, outcome) = optimizer_step(state, &pre, values, device, false, |_| Ok(inputs()))?;
+            let (state, outcome) = optimizer_step(state, &pre, values, device, profile, |_| Ok(inputs()))?;
             if let Some((what, bad)) = outcome.non_finite() {
                 anyhow::bail!("the {what} became {bad} in the train workload");
+            }
+            if profile {
+                let line: Vec<String> = outcome.timings.iter().map(|(k, v)| format!("{k} {v:.0} ms")).collect();
+                ctx.info(format!("train step timings: {}", line.join(", ")));
             }
             Ok(state)
         };
