@@ -30,7 +30,7 @@ use crate::peft::{PlanSpec, apply_plan};
 use crate::train::PretrainConfig;
 use crate::train::state::TrainState;
 use crate::train::step::StepValues;
-use crate::train::step::optimizer_step;
+use crate::train::step::{optimizer_step, profiling_requested};
 
 /// Which workloads to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -230,15 +230,14 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
             }
         };
         // EXPLORA_PROFILE (as for `pretrain`): each step's phases, timed with a device sync.
-        let profile = std::env::var_os("EXPLORA_PROFILE").is_some();
+        let profile = profiling_requested();
         let mut step = |state: TrainState| -> anyhow::Result<TrainState> {
             let (state, outcome) = optimizer_step(state, &pre, values, device, profile, |_| Ok(inputs()))?;
             if let Some((what, bad)) = outcome.non_finite() {
                 anyhow::bail!("the {what} became {bad} in the train workload");
             }
             if profile {
-                let line: Vec<String> = outcome.timings.iter().map(|(k, v)| format!("{k} {v:.0} ms")).collect();
-                ctx.info(format!("train step timings: {}", line.join(", ")));
+                ctx.info(format!("train step timings: {}", outcome.timings_line()));
             }
             Ok(state)
         };

@@ -255,7 +255,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
     let mut last_checkpoint = previous.last().map(|(_, p)| p.clone());
     let mut images_this_session = 0u64;
     // EXPLORA_PROFILE=1: per-step timings of the phases (each ends with a device sync).
-    let profile = std::env::var_os("EXPLORA_PROFILE").is_some();
+    let profile = super::step::profiling_requested();
     // The source backbone for attention requests, loaded on the first one.
     let mut source_model: Option<Vit> = None;
     let mut last_preview: Option<Instant> = None;
@@ -321,8 +321,7 @@ pub fn pretrain(job: &PretrainJob, device: &Device, ctx: &mut JobContext) -> any
         }
         let norm = outcome.grad_norm;
         if profile {
-            let line: Vec<String> = outcome.timings.iter().map(|(k, v)| format!("{k} {v:.0} ms")).collect();
-            ctx.info(format!("step {} timings: {}", step + 1, line.join(", ")));
+            ctx.info(format!("step {} timings: {}", step + 1, outcome.timings_line()));
         }
 
         let images = config.optim.effective_batch() as u64;

@@ -79,6 +79,18 @@ impl StepOutcome {
         }
         (!self.grad_norm.is_finite()).then_some(("gradient norm", self.grad_norm))
     }
+
+    /// The profiled phases as one log line: `forward 290 ms, backward 316 ms, ...`.
+    pub fn timings_line(&self) -> String {
+        let phases: Vec<String> = self.timings.iter().map(|(k, v)| format!("{k} {v:.0} ms")).collect();
+        phases.join(", ")
+    }
+}
+
+/// Whether steps should be profiled: `EXPLORA_PROFILE` is set (read by `pretrain` and
+/// `bench`).
+pub fn profiling_requested() -> bool {
+    std::env::var_os("EXPLORA_PROFILE").is_some()
 }
 
 /// The wall time of each phase of one step when profiling (`EXPLORA_PROFILE`); each phase
