@@ -257,6 +257,16 @@ impl Splits {
         Ok(splits)
     }
 
+    /// Every index of a set of `len` images that is in neither the validation nor the test
+    /// split (the training split and the images `max_per_class` left out), in set order.
+    pub fn outside_held_out(&self, len: usize) -> Vec<usize> {
+        let mut held_out = vec![false; len];
+        for &i in self.val.iter().chain(&self.test) {
+            held_out[i] = true;
+        }
+        (0..len).filter(|&i| !held_out[i]).collect()
+    }
+
     pub fn get(&self, split: Split) -> &[usize] {
         match split {
             Split::Train => &self.train,
@@ -378,6 +388,12 @@ mod tests {
         let capped = Splits::stratified(&set, [0.5, 0.0, 0.5], 4, 7).unwrap();
         assert_eq!(capped.train.len() + capped.test.len(), 4 + 4 + 3);
         assert!(capped.val.is_empty());
+        // The unlabelled pool: the training split and every image the cap left out, never a
+        // held-out one.
+        let pool = capped.outside_held_out(set.len());
+        assert_eq!(pool.len(), set.len() - capped.test.len());
+        assert!(capped.train.iter().all(|i| pool.contains(i)) && !capped.test.iter().any(|i| pool.contains(i)));
+        assert_eq!(a.outside_held_out(set.len()), a.train);
         let err = Splits::stratified(&set, [0.5, 0.2, 0.2], 0, 7).unwrap_err().to_string();
         assert!(err.contains("sum to 1"), "{err}");
         let (_d, tiny) = folder_set(&[2, 4]);

@@ -305,6 +305,15 @@ fn pipeline_runs_each_objective_beside_the_source_in_one_report() {
     let err = run_pipeline(&many, &dir.path().join("many"), &device(), &mut JobContext::new(events, commands)).unwrap_err();
     assert!(format!("{err:#}").contains("upstep.centres") && format!("{err:#}").contains("the data has 50"), "{err:#}");
     assert!(!dir.path().join("many/pretrain-dinov2").exists(), "an objective ran before the check");
+    // Pre-training on every image outside the held-out splits: 10 of each class's 16 are
+    // evaluated (6 train, 2 val, 2 test), so 80 − 20 images are unlabelled pre-training data.
+    many.data.max_per_class = 10;
+    many.data.pretrain_on = explora::recipes::pipeline::PretrainOn::AllButHeldOut;
+    many.pretrain.upstep.centres = 61;
+    let (events, _r) = mpsc::channel();
+    let (_c, commands) = mpsc::channel::<Command>();
+    let err = run_pipeline(&many, &dir.path().join("pool"), &device(), &mut JobContext::new(events, commands)).unwrap_err();
+    assert!(format!("{err:#}").contains("the data has 60"), "{err:#}");
 
     let mut twice = tiny_pipeline();
     twice.objectives = vec![Objective::Mae, Objective::Mae];

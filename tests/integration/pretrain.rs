@@ -170,19 +170,29 @@ fn the_loss_falls_on_procedural_tiles() {
 }
 
 /// The default run as it ships (the built-in source backbone, the target domain, 900 steps of
-/// 16), without the held-out evaluation: its losses stay finite and fall, and the leave-one-out
-/// k-NN monitor on 200 target tiles rises. Measured on the CPU backend (2 cores): 54.0% →
-/// 67.0% (validation seeds 1 and 2, the runs the default was chosen on: +12.0 and +4.5).
+/// 16, then the comparison on 5,000 held-out target tiles): its losses stay finite and fall, the
+/// leave-one-out k-NN monitor on 200 target tiles rises, and on the held-out test split (1,000
+/// tiles) the adapted backbone's k-NN beats the source backbone's.
+///
+/// Measured on the CPU backend (2-core AMD EPYC), seed 0 (this test): monitor 54.0% → 64.0% and
+/// 62.0%, held-out k-NN 71.7% → 77.6% (+5.9, 95% CI +2.9..+8.8) and → 75.5% (+3.8) in two runs
+/// (threads sum in varying order, and 900 steps carry that into the last point or two). The
+/// validation seeds 1-4 gave held-out k-NN +5.0 / +3.5 / +5.3 / +6.3 (test split) and +6.0 /
+/// +4.4 / +6.7 / +3.8 (validation split); the margin asserted, 1.5 points, is below all of them.
 #[test]
 fn the_default_run_adapts_the_source_backbone_to_the_target() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = PretrainConfig::builtin();
-    config.evaluate.after_training = false;
+    assert!(config.evaluate.after_training);
     config.monitor.knn_every = config.run.steps;
     config.run.checkpoint_every = 0;
     config.run.preview_every = 0;
     let steps = config.run.steps as usize;
-    let summary = run_quietly(config, dir.path(), false).unwrap();
+    let job = PretrainJob { config, out: dir.path().to_path_buf(), resume: false };
+    let (events, commands) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<Command>());
+    let mut ctx = engine::JobContext::new(events.0, commands.1);
+    let outcome = explora::recipes::run::pretrain_then_evaluate(&job, &device(), &mut ctx).unwrap();
+    let summary = outcome.pretrain;
     assert_eq!(summary.steps_done as usize, steps);
     let m = metrics(dir.path());
     let series = |key: &str| -> Vec<f64> { m.iter().filter_map(|v| v[key].as_f64()).collect() };
@@ -201,6 +211,22 @@ fn the_default_run_adapts_the_source_backbone_to_the_target() {
     let (before, after) = (summary.knn_before.unwrap(), summary.knn_after.unwrap());
     eprintln!("default run, k-NN monitor: {before} → {after}");
     assert!(after >= before + 0.05, "the k-NN monitor on target tiles did not rise by 5 points: {before} → {after}");
+
+    // The held-out comparison, as the pipeline reports it.
+    let evaluation = outcome.evaluation.expect("the default run evaluates after training");
+    assert_eq!(evaluation.split_sizes, [3000, 1000, 1000]);
+    let deltas = evaluation.deltas();
+    let knn = deltas.iter().find(|d| d.method == "knn").expect("a k-NN row");
+    eprintln!("default run, held-out k-NN: {} → {} ({:?})", knn.source_top1, knn.explora_top1, knn.interval);
+    assert!(knn.source_top1 < 0.9, "the source backbone is already near-perfect on the target: {}", knn.source_top1);
+    assert!(
+        knn.delta >= 0.015,
+        "ExPLoRA's held-out k-NN did not beat the source backbone's by 1.5 points: {} → {}",
+        knn.source_top1,
+        knn.explora_top1
+    );
+    let probe = deltas.iter().find(|d| d.method == "linear-probe").expect("a linear-probe row");
+    assert!(probe.explora_top1 > 0.6 && probe.source_top1 > 0.6, "{probe:?}");
 }
 
 #[test]

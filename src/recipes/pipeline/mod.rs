@@ -58,6 +58,21 @@ pub struct LabelledSection {
     pub procedural_size: u32,
     pub procedural_shift: crate::data::Shift,
     pub seed: u64,
+    /// Which images ExPLoRA pre-trains on (labels unused either way).
+    pub pretrain_on: PretrainOn,
+}
+
+/// The unlabelled images of the pre-training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PretrainOn {
+    /// The training split.
+    #[default]
+    Train,
+    /// Every image of the labelled set outside the validation and test splits, including
+    /// those `max_per_class` leaves out of the evaluation (the usual situation: many
+    /// unlabelled tiles, few labels).
+    AllButHeldOut,
 }
 
 impl Default for LabelledSection {
@@ -73,6 +88,7 @@ impl Default for LabelledSection {
             procedural_size: 64,
             procedural_shift: crate::data::Shift::Source,
             seed: 0,
+            pretrain_on: PretrainOn::Train,
         }
     }
 }
@@ -451,13 +467,22 @@ fn run_comparison(
     // ExPLoRA pre-training on the training images (labels unused), once per objective, or the
     // finished run given.
     let runs = config.pretrain_runs();
-    // What needs the training split's size is checked before any run starts.
+    // The unlabelled images of the pre-training.
+    let (pretrain_images, pretrain_what): (Vec<&PathBuf>, String) = match config.data.pretrain_on {
+        PretrainOn::Train => (train.iter().map(|(p, _)| p).collect(), "the training split (labels unused)".into()),
+        PretrainOn::AllButHeldOut => {
+            let pool: Vec<&PathBuf> = splits.outside_held_out(set.len()).into_iter().map(|i| &set.items[i].0).collect();
+            let what = format!("{} images outside the validation and test splits (labels unused)", pool.len());
+            (pool, what)
+        }
+    };
+    // What needs their number is checked before any run starts.
     for (_, run) in runs.iter().filter(|(_, r)| r.objective == crate::train::Objective::Upstep) {
-        run.upstep.check_images(train.len()).map_err(|e| e.within("pipeline config", "pretrain"))?;
+        run.upstep.check_images(pretrain_images.len()).map_err(|e| e.within("pipeline config", "pretrain"))?;
     }
     // Named objectives each get their own folder (even one), as their variants are named.
     let named = !config.objectives.is_empty();
-    // What the runs trained on; the training split's list is written once for all of them.
+    // What the runs trained on; the list is written once for all of them.
     let list = out.join("train-images.txt");
     let pre_data = match &finished {
         Some(_) => match (&config.pretrain.data.images, &config.pretrain.data.list) {
@@ -465,9 +490,9 @@ fn run_comparison(
             (None, None) => "procedural tiles".to_string(),
         },
         None => {
-            let lines: String = train.iter().map(|(p, _)| format!("{}\n", p.display())).collect();
+            let lines: String = pretrain_images.iter().map(|p| format!("{}\n", p.display())).collect();
             std::fs::write(&list, lines)?;
-            "the training split (labels unused)".to_string()
+            pretrain_what
         }
     };
     let mut finished = finished;
