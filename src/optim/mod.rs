@@ -9,9 +9,11 @@ pub mod schedule;
 use std::collections::HashMap;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use rayon::prelude::*;
 
 use crate::checkpoint::{RawTensor, TensorMap};
+use crate::device::is_native_cpu;
 use crate::model::params::map_params;
 
 /// Per-parameter AdamW moments and step count.
@@ -80,8 +82,26 @@ impl AdamW {
     }
 
     /// Applies one update to every parameter of `module` that has a gradient in `grads`, each
-    /// gradient first multiplied by `grad_scale` (`[1]`, the clip factor).
+    /// gradient first multiplied by `grad_scale` (`[1]`, the clip factor). On the CPU backend
+    /// each parameter is updated in one parallel pass over its values, gradient and moments
+    /// ([`fused_update`]); elsewhere through tensor operations ([`tensor_update`]), which
+    /// compute the same values.
     pub fn step<M: Module>(&mut self, module: M, grads: &HashMap<String, Tensor<1>>, grad_scale: &Tensor<1>, rule: UpdateRule) -> M {
+        let fused =
+            (is_native_cpu(&grad_scale.device()) && grad_scale.dtype() == DType::F32).then(|| grad_scale.clone().into_scalar::<f32>());
+        self.step_with(module, grads, grad_scale, rule, fused)
+    }
+
+    /// [`AdamW::step`], fused with `scale` (the clip factor, read back) or through tensor
+    /// operations with `grad_scale` when `fused` is `None`.
+    fn step_with<M: Module>(
+        &mut self,
+        module: M,
+        grads: &HashMap<String, Tensor<1>>,
+        grad_scale: &Tensor<1>,
+        rule: UpdateRule,
+        fused: Option<f32>,
+    ) -> M {
         let [b1, b2] = self.betas;
         let eps = self.eps;
         let state = &mut self.state;
@@ -90,19 +110,18 @@ impl AdamW {
             if (rule.freeze_prototypes && path == "head.prototypes") || (rule.freeze_backbone && path.starts_with("backbone.")) {
                 return None;
             }
-            let g = grad.clone() * grad_scale.clone();
-            let moments =
-                state.entry(path.to_string()).or_insert_with(|| Moments { m: param.zeros_like(), v: param.zeros_like(), steps: 0 });
+            let mut moments = state.remove(path).unwrap_or_else(|| Moments { m: param.zeros_like(), v: param.zeros_like(), steps: 0 });
             moments.steps += 1;
-            moments.m = moments.m.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
-            moments.v = moments.v.clone().mul_scalar(b2) + g.powf_scalar(2.0).mul_scalar(1.0 - b2);
             let t = moments.steps as i32;
-            let m_hat = moments.m.clone().div_scalar(1.0 - b1.powi(t));
-            let v_hat = moments.v.clone().div_scalar(1.0 - b2.powi(t));
             let lr = rule.lr * lr_multiplier(path, rule.depth, rule.layer_decay);
             let wd = if decays(path) { rule.weight_decay } else { 0.0 };
-            let decayed = param.mul_scalar(1.0 - lr * wd);
-            Some(decayed - (m_hat / v_hat.sqrt().add_scalar(eps)).mul_scalar(lr))
+            let k = Coefficients { b1, b2, eps, lr, wd, bias1: 1.0 - b1.powi(t), bias2: 1.0 - b2.powi(t) };
+            let (param, moments) = match fused {
+                Some(scale) if param.dtype() == DType::F32 => fused_update(param, grad, moments, scale, k),
+                _ => tensor_update(param, grad, moments, grad_scale, k),
+            };
+            state.insert(path.to_string(), moments);
+            Some(param)
         })
     }
 
@@ -134,6 +153,63 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// The numbers of one parameter's AdamW update.
+#[derive(Debug, Clone, Copy)]
+struct Coefficients {
+    b1: f64,
+    b2: f64,
+    eps: f64,
+    lr: f64,
+    wd: f64,
+    /// `1 − β₁ᵗ` and `1 − β₂ᵗ`.
+    bias1: f64,
+    bias2: f64,
+}
+
+/// AdamW through tensor operations (any device):
+/// `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, `p ← p(1 − lr·wd) − lr·m̂/(√v̂ + ε)`.
+fn tensor_update(param: Tensor<1>, grad: &Tensor<1>, moments: Moments, grad_scale: &Tensor<1>, k: Coefficients) -> (Tensor<1>, Moments) {
+    let g = grad.clone() * grad_scale.clone();
+    let m = moments.m.mul_scalar(k.b1) + g.clone().mul_scalar(1.0 - k.b1);
+    let v = moments.v.mul_scalar(k.b2) + g.powf_scalar(2.0).mul_scalar(1.0 - k.b2);
+    let m_hat = m.clone().div_scalar(k.bias1);
+    let v_hat = v.clone().div_scalar(k.bias2);
+    let decayed = param.mul_scalar(1.0 - k.lr * k.wd);
+    let param = decayed - (m_hat / v_hat.sqrt().add_scalar(k.eps)).mul_scalar(k.lr);
+    (param, Moments { m, v, steps: moments.steps })
+}
+
+/// Elements per parallel task of [`fused_update`].
+const CHUNK: usize = 16 * 1024;
+
+/// [`tensor_update`] on the CPU backend in one parallel pass: the parameter and both moments
+/// are rewritten in place (the tensor path makes some fifteen passes, each allocating).
+fn fused_update(param: Tensor<1>, grad: &Tensor<1>, moments: Moments, scale: f32, k: Coefficients) -> (Tensor<1>, Moments) {
+    let device = param.device();
+    let (mut p, mut m, mut v) = (param.into_data(), moments.m.into_data(), moments.v.into_data());
+    let g = grad.clone().into_data();
+    let (Ok(ps), Ok(ms), Ok(vs), Ok(gs)) = (p.as_mut_slice::<f32>(), m.as_mut_slice::<f32>(), v.as_mut_slice::<f32>(), g.as_slice::<f32>())
+    else {
+        unreachable!("fused_update is called for f32 parameters on the CPU backend");
+    };
+    let (b1, b2) = (k.b1 as f32, k.b2 as f32);
+    let (c1, c2) = (1.0 - b1, 1.0 - b2);
+    let (bias1, bias2, eps) = (k.bias1 as f32, k.bias2 as f32, k.eps as f32);
+    let (lr, keep) = (k.lr as f32, (1.0 - k.lr * k.wd) as f32);
+    ps.par_chunks_mut(CHUNK).zip(ms.par_chunks_mut(CHUNK)).zip(vs.par_chunks_mut(CHUNK)).zip(gs.par_chunks(CHUNK)).for_each(
+        |(((p, m), v), g)| {
+            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                let g = g * scale;
+                *m = b1 * *m + c1 * g;
+                *v = b2 * *v + c2 * (g * g);
+                *p = *p * keep - (*m / bias1) / ((*v / bias2).sqrt() + eps) * lr;
+            }
+        },
+    );
+    let tensor = |data: TensorData| Tensor::<1>::from_data(data, &device);
+    (tensor(p), Moments { m: tensor(m), v: tensor(v), steps: moments.steps })
 }
 
 #[cfg(test)]
@@ -168,5 +244,52 @@ mod tests {
         assert_eq!(read(scale), 1.0, "a norm below the clip is left alone");
         let (_, scale) = clip_by_global_norm(&grads, 0.0, &device);
         assert_eq!(read(scale), 1.0, "clip 0 turns clipping off");
+    }
+
+    #[test]
+    fn the_fused_cpu_update_matches_the_tensor_update() {
+        use crate::model::params::for_each_param;
+        use burn::module::Param;
+        #[derive(Module, Debug)]
+        struct Two {
+            weight: Param<Tensor<2>>,
+            bias: Param<Tensor<1>>,
+        }
+        let device = Device::flex();
+        let values = |n: usize, k: f32| (0..n).map(|i| ((i as f32 * k).sin() + 0.1) * 0.5).collect::<Vec<f32>>();
+        let module = || Two {
+            weight: Param::from_tensor(Tensor::from_data(TensorData::new(values(40_000, 0.37), [200, 200]), &device)),
+            bias: Param::from_tensor(Tensor::from_data(TensorData::new(values(200, 1.3), [200]), &device)),
+        };
+        let grads = HashMap::from([
+            ("weight".to_string(), Tensor::<1>::from_data(TensorData::new(values(40_000, 0.11), [40_000]), &device)),
+            ("bias".to_string(), Tensor::<1>::from_data(TensorData::new(values(200, 0.7), [200]), &device)),
+        ]);
+        let scale = Tensor::<1>::from_data(TensorData::new(vec![0.8f32], [1]), &device);
+        let rule =
+            UpdateRule { lr: 1e-2, weight_decay: 0.05, layer_decay: 1.0, depth: 1, freeze_prototypes: false, freeze_backbone: false };
+        let (mut fused, mut plain) = (AdamW::new([0.9, 0.999], 1e-8), AdamW::new([0.9, 0.999], 1e-8));
+        let (mut a, mut b) = (module(), module());
+        for _ in 0..3 {
+            a = fused.step_with(a, &grads, &scale, rule, Some(0.8));
+            b = plain.step_with(b, &grads, &scale, rule, None);
+        }
+        let mut moved = 0.0f32;
+        let read = |m: &Two| {
+            let mut out = Vec::new();
+            for_each_param(m, |_, t, _| out.extend(crate::model::to_vec(t)));
+            out
+        };
+        for ((x, y), start) in read(&a).iter().zip(read(&b)).zip(read(&module())) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "fused {x} vs tensor ops {y}");
+            moved = moved.max((x - start).abs());
+        }
+        assert!(moved > 1e-3, "three steps at lr 1e-2 move the parameters");
+        let ((fm, _), (pm, _)) = (fused.save(), plain.save());
+        for (key, raw) in &fm {
+            for (x, y) in raw.data.iter().zip(&pm[key].data) {
+                assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{key}: {x} vs {y}");
+            }
+        }
     }
 }
