@@ -300,7 +300,7 @@ pub fn finetune(
                 freeze_prototypes: false,
                 freeze_backbone: false,
             };
-            model = optim.step(model, &grads, &grad_scale, rule);
+            model = optim.step(model, grads, &grad_scale, rule);
             step += 1;
             result.images_seen += n as u64;
             if let Some(m) = crate::device::memory_reserved(plain) {

@@ -27,6 +27,8 @@ fn flat<const D: usize>(t: Tensor<D>) -> Tensor<1> {
 
 struct Visit<'a, F> {
     path: Path,
+    /// Skip (and do not flatten) the frozen parameters.
+    trainable_only: bool,
     f: &'a mut F,
 }
 
@@ -40,33 +42,35 @@ impl<F: FnMut(&str, Tensor<1>, bool)> ModuleVisitor for Visit<'_, F> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let t = param.val();
         let trainable = t.is_require_grad();
-        (self.f)(&self.path.name(), flat(t.inner()), trainable);
+        if trainable || !self.trainable_only {
+            (self.f)(&self.path.name(), flat(t.inner()), trainable);
+        }
     }
 }
 
 /// Calls `f(path, values, trainable)` for every float parameter; `values` is the flattened
 /// tensor without autodiff.
 pub fn for_each_param<M: Module>(module: &M, mut f: impl FnMut(&str, Tensor<1>, bool)) {
-    module.visit(&mut Visit { path: Path(Vec::new()), f: &mut f });
+    module.visit(&mut Visit { path: Path(Vec::new()), trainable_only: false, f: &mut f });
 }
 
 /// The trainable (`require_grad`) parameters of `module`, by path, flattened, without autodiff.
 pub fn trainable_params<M: Module>(module: &M) -> HashMap<String, Tensor<1>> {
     let mut out = HashMap::new();
-    for_each_param(module, |name, t, trainable| {
-        if trainable {
-            out.insert(name.to_string(), t);
-        }
-    });
+    let mut f = |name: &str, t, _| {
+        out.insert(name.to_string(), t);
+    };
+    module.visit(&mut Visit { path: Path(Vec::new()), trainable_only: true, f: &mut f });
     out
 }
 
-struct Map<'a, F> {
+struct Map<'a, S, F> {
     path: Path,
+    select: &'a S,
     f: &'a mut F,
 }
 
-impl<F: FnMut(&str, Tensor<1>) -> Option<Tensor<1>>> ModuleMapper for Map<'_, F> {
+impl<S: Fn(&str) -> bool, F: FnMut(&str, Tensor<1>) -> Option<Tensor<1>>> ModuleMapper for Map<'_, S, F> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.enter(name);
     }
@@ -74,10 +78,14 @@ impl<F: FnMut(&str, Tensor<1>) -> Option<Tensor<1>>> ModuleMapper for Map<'_, F>
         self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.name();
+        if !(self.select)(&name) {
+            return param;
+        }
         let (id, tensor, mapper) = param.consume();
         let dims = tensor.dims();
         let (autodiff, require_grad) = (tensor.is_autodiff(), tensor.is_require_grad());
-        let Some(new) = (self.f)(&self.path.name(), flat(tensor.clone().inner())) else {
+        let Some(new) = (self.f)(&name, flat(tensor.clone().inner())) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let mut new: Tensor<D> = new.inner().reshape(dims);
@@ -94,8 +102,20 @@ impl<F: FnMut(&str, Tensor<1>) -> Option<Tensor<1>>> ModuleMapper for Map<'_, F>
 /// Replaces parameters: `f(path, current)` returns the new flattened values (same length, on
 /// the parameter's device) or `None` to keep the parameter. Autodiff and `require_grad` are
 /// kept as they were.
-pub fn map_params<M: Module>(module: M, mut f: impl FnMut(&str, Tensor<1>) -> Option<Tensor<1>>) -> M {
-    module.map(&mut Map { path: Path(Vec::new()), f: &mut f })
+pub fn map_params<M: Module>(module: M, f: impl FnMut(&str, Tensor<1>) -> Option<Tensor<1>>) -> M {
+    map_selected_params(module, |_| true, f)
+}
+
+/// [`map_params`] over the parameters whose path `select` accepts; the others are not read.
+/// Flattening a parameter stored in another memory order (see
+/// [`crate::model::backward_friendly_layout`]) copies it, so a step that updates a few
+/// parameters should not flatten the frozen ones.
+pub fn map_selected_params<M: Module>(
+    module: M,
+    select: impl Fn(&str) -> bool,
+    mut f: impl FnMut(&str, Tensor<1>) -> Option<Tensor<1>>,
+) -> M {
+    module.map(&mut Map { path: Path(Vec::new()), select: &select, f: &mut f })
 }
 
 /// Sign descent, `p ← p − lr·sign(g)` for every parameter with a gradient: the optimizer of

@@ -6,7 +6,7 @@ use burn::tensor::{Bool, Device, Tensor};
 
 use super::head::{DinoHead, HeadConfig};
 use super::loss::{Centering, MaskedPatches, centered_softmax, dino_loss, ibot_loss, koleo, sinkhorn_knopp, update_center};
-use crate::model::params::{map_params, trainable_params};
+use crate::model::params::{map_selected_params, trainable_params};
 use crate::model::{ForwardOptions, Vit};
 
 /// Backbone + head; the student trains, the teacher (`valid()` copy) follows by EMA.
@@ -181,7 +181,11 @@ pub fn step_loss(
 /// student trains (the others are identical in both and stay shared).
 pub fn ema_update(teacher: DinoModel, student: &DinoModel, momentum: f64) -> DinoModel {
     let source = trainable_params(student);
-    map_params(teacher, |name, t| source.get(name).map(|s| t.mul_scalar(momentum) + s.clone().mul_scalar(1.0 - momentum)))
+    map_selected_params(
+        teacher,
+        |name| source.contains_key(name),
+        |name, t| source.get(name).map(|s| t.mul_scalar(momentum) + s.clone().mul_scalar(1.0 - momentum)),
+    )
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 pub mod schedule;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use burn::module::Module;
 use burn::tensor::{DType, Device, Tensor, TensorData};
@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::{RawTensor, TensorMap};
 use crate::device::is_native_cpu;
-use crate::model::params::map_params;
+use crate::model::params::map_selected_params;
 
 /// Per-parameter AdamW moments and step count.
 #[derive(Debug, Clone)]
@@ -82,11 +82,12 @@ impl AdamW {
     }
 
     /// Applies one update to every parameter of `module` that has a gradient in `grads`, each
-    /// gradient first multiplied by `grad_scale` (`[1]`, the clip factor). On the CPU backend
+    /// gradient first multiplied by `grad_scale` (`[1]`, the clip factor). The gradients are
+    /// consumed: the CPU path reuses their memory instead of copying it. On the CPU backend
     /// each parameter is updated in one parallel pass over its values, gradient and moments
     /// ([`fused_update`]); elsewhere through tensor operations ([`tensor_update`]), which
     /// compute the same values.
-    pub fn step<M: Module>(&mut self, module: M, grads: &HashMap<String, Tensor<1>>, grad_scale: &Tensor<1>, rule: UpdateRule) -> M {
+    pub fn step<M: Module>(&mut self, module: M, grads: HashMap<String, Tensor<1>>, grad_scale: &Tensor<1>, rule: UpdateRule) -> M {
         let fused =
             (is_native_cpu(&grad_scale.device()) && grad_scale.dtype() == DType::F32).then(|| grad_scale.clone().into_scalar::<f32>());
         self.step_with(module, grads, grad_scale, rule, fused)
@@ -97,32 +98,37 @@ impl AdamW {
     fn step_with<M: Module>(
         &mut self,
         module: M,
-        grads: &HashMap<String, Tensor<1>>,
+        mut grads: HashMap<String, Tensor<1>>,
         grad_scale: &Tensor<1>,
         rule: UpdateRule,
         fused: Option<f32>,
     ) -> M {
+        let with_grads: HashSet<String> = grads.keys().cloned().collect();
         let [b1, b2] = self.betas;
         let eps = self.eps;
         let state = &mut self.state;
-        map_params(module, |path, param| {
-            let grad = grads.get(path)?;
-            if (rule.freeze_prototypes && path == "head.prototypes") || (rule.freeze_backbone && path.starts_with("backbone.")) {
-                return None;
-            }
-            let mut moments = state.remove(path).unwrap_or_else(|| Moments { m: param.zeros_like(), v: param.zeros_like(), steps: 0 });
-            moments.steps += 1;
-            let t = moments.steps as i32;
-            let lr = rule.lr * lr_multiplier(path, rule.depth, rule.layer_decay);
-            let wd = if decays(path) { rule.weight_decay } else { 0.0 };
-            let k = Coefficients { b1, b2, eps, lr, wd, bias1: 1.0 - b1.powi(t), bias2: 1.0 - b2.powi(t) };
-            let (param, moments) = match fused {
-                Some(scale) if param.dtype() == DType::F32 => fused_update(param, grad, moments, scale, k),
-                _ => tensor_update(param, grad, moments, grad_scale, k),
-            };
-            state.insert(path.to_string(), moments);
-            Some(param)
-        })
+        map_selected_params(
+            module,
+            |path| with_grads.contains(path),
+            |path, param| {
+                let grad = grads.remove(path)?;
+                if (rule.freeze_prototypes && path == "head.prototypes") || (rule.freeze_backbone && path.starts_with("backbone.")) {
+                    return None;
+                }
+                let mut moments = state.remove(path).unwrap_or_else(|| Moments { m: param.zeros_like(), v: param.zeros_like(), steps: 0 });
+                moments.steps += 1;
+                let t = moments.steps as i32;
+                let lr = rule.lr * lr_multiplier(path, rule.depth, rule.layer_decay);
+                let wd = if decays(path) { rule.weight_decay } else { 0.0 };
+                let k = Coefficients { b1, b2, eps, lr, wd, bias1: 1.0 - b1.powi(t), bias2: 1.0 - b2.powi(t) };
+                let (param, moments) = match fused {
+                    Some(scale) if param.dtype() == DType::F32 => fused_update(param, grad, moments, scale, k),
+                    _ => tensor_update(param, grad, moments, grad_scale, k),
+                };
+                state.insert(path.to_string(), moments);
+                Some(param)
+            },
+        )
     }
 
     /// The state as tensors (`optim.m.<path>`, `optim.v.<path>`) and step counts by path.
@@ -170,8 +176,8 @@ struct Coefficients {
 
 /// AdamW through tensor operations (any device):
 /// `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, `p ← p(1 − lr·wd) − lr·m̂/(√v̂ + ε)`.
-fn tensor_update(param: Tensor<1>, grad: &Tensor<1>, moments: Moments, grad_scale: &Tensor<1>, k: Coefficients) -> (Tensor<1>, Moments) {
-    let g = grad.clone() * grad_scale.clone();
+fn tensor_update(param: Tensor<1>, grad: Tensor<1>, moments: Moments, grad_scale: &Tensor<1>, k: Coefficients) -> (Tensor<1>, Moments) {
+    let g = grad * grad_scale.clone();
     let m = moments.m.mul_scalar(k.b1) + g.clone().mul_scalar(1.0 - k.b1);
     let v = moments.v.mul_scalar(k.b2) + g.powf_scalar(2.0).mul_scalar(1.0 - k.b2);
     let m_hat = m.clone().div_scalar(k.bias1);
@@ -186,10 +192,10 @@ const CHUNK: usize = 16 * 1024;
 
 /// [`tensor_update`] on the CPU backend in one parallel pass: the parameter and both moments
 /// are rewritten in place (the tensor path makes some fifteen passes, each allocating).
-fn fused_update(param: Tensor<1>, grad: &Tensor<1>, moments: Moments, scale: f32, k: Coefficients) -> (Tensor<1>, Moments) {
+fn fused_update(param: Tensor<1>, grad: Tensor<1>, moments: Moments, scale: f32, k: Coefficients) -> (Tensor<1>, Moments) {
     let device = param.device();
     let (mut p, mut m, mut v) = (param.into_data(), moments.m.into_data(), moments.v.into_data());
-    let g = grad.clone().into_data();
+    let g = grad.into_data();
     let (Ok(ps), Ok(ms), Ok(vs), Ok(gs)) = (p.as_mut_slice::<f32>(), m.as_mut_slice::<f32>(), v.as_mut_slice::<f32>(), g.as_slice::<f32>())
     else {
         unreachable!("fused_update is called for f32 parameters on the CPU backend");
@@ -271,8 +277,8 @@ mod tests {
         let (mut fused, mut plain) = (AdamW::new([0.9, 0.999], 1e-8), AdamW::new([0.9, 0.999], 1e-8));
         let (mut a, mut b) = (module(), module());
         for _ in 0..3 {
-            a = fused.step_with(a, &grads, &scale, rule, Some(0.8));
-            b = plain.step_with(b, &grads, &scale, rule, None);
+            a = fused.step_with(a, grads.clone(), &scale, rule, Some(0.8));
+            b = plain.step_with(b, grads.clone(), &scale, rule, None);
         }
         let mut moved = 0.0f32;
         let read = |m: &Two| {

@@ -87,7 +87,7 @@ pub fn mae_optimizer_step(
     }
     let (norm, grad_scale) = clip_by_global_norm(&grads, config.optim.clip_grad, device);
     let rule = values.update_rule(config, state.step, state.model.backbone.config().depth);
-    state.model = state.optim.step(state.model, &grads, &grad_scale, rule);
+    state.model = state.optim.step(state.model, grads, &grad_scale, rule);
     timer.mark("optimizer");
     // The one read-back of the step.
     let read = to_vec(Tensor::cat(vec![total.total()?, norm], 0));

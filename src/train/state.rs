@@ -38,7 +38,7 @@ impl TrainState {
     /// Step 0 of a run: the student (the adapted backbone + a fresh head), its EMA teacher, empty
     /// AdamW moments and zero centers on `device` (the plain device).
     pub fn new(backbone: crate::model::Vit, config: &super::PretrainConfig, device: &Device) -> Self {
-        let student = DinoModel::new(backbone, &config.head);
+        let student = DinoModel::new(crate::model::backward_friendly_layout(backbone), &config.head);
         let teacher = student.valid();
         Self {
             step: 0,

@@ -165,7 +165,7 @@ pub fn optimizer_step(
     }
     let (norm, grad_scale) = clip_by_global_norm(&grads, config.optim.clip_grad, device);
     let rule = values.update_rule(config, state.step, state.student.backbone.config().depth);
-    state.student = state.optim.step(state.student, &grads, &grad_scale, rule);
+    state.student = state.optim.step(state.student, grads, &grad_scale, rule);
     timer.mark("optimizer");
     state.teacher = ema_update(state.teacher, &state.student, values.momentum);
     timer.mark("ema");

@@ -23,7 +23,7 @@ use super::step::{DeviceSum, PhaseTimer, StepOutcome, StepValues};
 use crate::checkpoint::{Metadata, RawTensor, TensorMap, read_safetensors, write_safetensors};
 use crate::data::{ImageSource, Preprocess};
 use crate::engine::JobContext;
-use crate::model::params::{accumulate_grads, for_each_param, map_params, trainable_params};
+use crate::model::params::{accumulate_grads, for_each_param, map_params, map_selected_params, trainable_params};
 use crate::model::{ForwardOptions, Vit, to_vec};
 use crate::objectives::upstep::{SplitMix, centre_drift, codes, log_predictions, mean_direction, spherical_kmeans, swap_loss};
 use crate::optim::{AdamW, clip_by_global_norm};
@@ -221,7 +221,11 @@ pub fn run_centres(
 /// the online model trains.
 fn ema_update(offline: UpstepModel, online: &UpstepModel, momentum: f64) -> UpstepModel {
     let source = trainable_params(online);
-    map_params(offline, |name, t| source.get(name).map(|s| t.mul_scalar(momentum) + s.clone().mul_scalar(1.0 - momentum)))
+    map_selected_params(
+        offline,
+        |name| source.contains_key(name),
+        |name, t| source.get(name).map(|s| t.mul_scalar(momentum) + s.clone().mul_scalar(1.0 - momentum)),
+    )
 }
 
 /// Whether the gate skips an iteration known before its forward pass (`alternate`, `off`);
@@ -306,7 +310,7 @@ pub fn upstep_optimizer_step(
     } else {
         let (norm, grad_scale) = clip_by_global_norm(&grads, config.optim.clip_grad, device);
         let rule = values.update_rule(config, state.step, state.online.backbone.config().depth);
-        state.online = state.optim.step(state.online, &grads, &grad_scale, rule);
+        state.online = state.optim.step(state.online, grads, &grad_scale, rule);
         timer.mark("optimizer");
         state.offline = ema_update(state.offline, &state.online, u.ema);
         timer.mark("ema");

@@ -117,7 +117,7 @@ fn gradients_reach_exactly_the_plan_and_the_head_and_the_teacher_follows_by_ema(
     // During a head warm-up only the head moves (and AdamW keeps no moments for the backbone).
     let warm = AdamW::new([0.9, 0.999], 1e-8).step(
         student.clone(),
-        &grads,
+        grads.clone(),
         &Tensor::ones([1], &device),
         UpdateRule { freeze_backbone: true, ..rule },
     );
@@ -126,7 +126,7 @@ fn gradients_reach_exactly_the_plan_and_the_head_and_the_teacher_follows_by_ema(
         let moved = max_abs_diff(&values(t.clone()).1, &values(student_now[name].clone()).1) > 0.0;
         assert_eq!(moved, !name.starts_with("backbone."), "{name} during the head warm-up");
     }
-    let student = optim.step(student, &grads, &Tensor::ones([1], &device), rule);
+    let student = optim.step(student, grads, &Tensor::ones([1], &device), rule);
     let m = 0.9;
     let teacher = ema_update(teacher, &student, m);
     let after_student = trainable_params(&student);
