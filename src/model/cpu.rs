@@ -11,10 +11,12 @@
 //!
 //! **Attention.** burn-flex's fused attention wants `[B, heads, N, Dh]` inputs (three strided
 //! copies of the `[B, N, D]` projections, and one more back) and runs its softmax through
-//! scalar `expf` per score. [`attention`] reads the heads in place from `[B, N, D]` with
-//! strided `gemm` calls, writes the context straight into `[B, N, D]`, and computes the
-//! softmax with the vectorised exponential below; one batch element per parallel task.
+//! scalar `expf` per score. [`fused_attention`] reads the heads in place from the fused
+//! `[B, N, 3D]` projection with strided `gemm` calls, writes the context straight into
+//! `[B, N, D]`, and computes the softmax with the vectorised exponential below; one batch
+//! element per parallel task.
 
+use burn::nn::Linear;
 use burn::tensor::activation;
 use burn::tensor::{DType, Tensor, TensorData};
 use gemm::{Parallelism, gemm};
@@ -32,53 +34,171 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
     let device = x.device();
     let shape = x.shape();
-    let tracked = x.is_tracked();
-    let input = x.clone().into_data();
-    let input = input.as_slice::<f32>().expect("an f32 tensor reads back as f32");
-    if !tracked {
-        let mut out = vec![0.0f32; input.len()];
-        out.par_chunks_mut(CHUNK).zip(input.par_chunks(CHUNK)).for_each(|(out, x)| gelu_values(x, out));
+    if !x.is_tracked() {
+        let out = read(&x, |input| {
+            let mut out = vec![0.0f32; input.len()];
+            out.par_chunks_mut(CHUNK).zip(input.par_chunks(CHUNK)).for_each(|(out, x)| gelu_values(x, out));
+            out
+        });
         return Tensor::from_data(TensorData::new(out, shape), &device);
     }
-    let mut slope = vec![0.0f32; input.len()];
-    let mut offset = vec![0.0f32; input.len()];
-    slope
-        .par_chunks_mut(CHUNK)
-        .zip(offset.par_chunks_mut(CHUNK))
-        .zip(input.par_chunks(CHUNK))
-        .for_each(|((slope, offset), x)| gelu_slopes(x, slope, offset));
+    let (slope, offset) = read(&x, |input| {
+        let mut slope = vec![0.0f32; input.len()];
+        let mut offset = vec![0.0f32; input.len()];
+        slope
+            .par_chunks_mut(CHUNK)
+            .zip(offset.par_chunks_mut(CHUNK))
+            .zip(input.par_chunks(CHUNK))
+            .for_each(|((slope, offset), x)| gelu_slopes(x, slope, offset));
+        (slope, offset)
+    });
     let slope = Tensor::from_data(TensorData::new(slope, shape.clone()), &device);
     let offset = Tensor::from_data(TensorData::new(offset, shape), &device);
     x * slope + offset
 }
 
-/// Multi-head scaled dot-product attention, `softmax(q·kᵀ/√Dh)·v` per head, for `q`
-/// `[B, N, D]` and `k`, `v` `[B, Nk, D]` (`D = heads·Dh`) → `[B, N, D]`. `None` where the
-/// CPU kernel does not apply (another device, another dtype, or a tensor that needs
-/// gradients): the caller then uses burn's attention.
-pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> Option<Tensor<3>> {
-    let tracked = q.is_tracked() || k.is_tracked() || v.is_tracked();
-    if tracked || [q, k, v].iter().any(|t| t.dtype() != DType::F32) || !is_native_cpu(&q.device()) {
-        return None;
+/// `f(values, layout)` on the CPU backend's own buffer of `t` (no copy, whoever else holds
+/// it); `None` for another backend or dtype.
+fn with_storage<const D: usize, R>(t: &Tensor<D>, f: impl FnOnce(&[f32], &burn_flex::Layout) -> R) -> Option<R> {
+    let flex = t.clone().inner().try_into_primitive::<burn_flex::Flex>().ok()?;
+    (flex.dtype() == DType::F32).then(|| f(flex.storage::<f32>(), flex.layout()))
+}
+
+/// The values of `t` when it is stored contiguously on the CPU backend, read in place.
+fn contiguous<const D: usize, R>(t: &Tensor<D>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    with_storage(t, |values, layout| {
+        let start = layout.start_offset();
+        layout.is_contiguous().then(|| f(&values[start..start + layout.num_elements()]))
+    })?
+}
+
+/// `f` on the values of an f32 tensor on the CPU backend: in place when it is stored
+/// contiguously, else from a contiguous copy.
+fn read<const D: usize, R>(t: &Tensor<D>, f: impl FnOnce(&[f32]) -> R) -> R {
+    let mut f = Some(f);
+    if let Some(r) = contiguous(t, |values| (f.take().expect("called once"))(values)) {
+        return r;
     }
-    let [b, n, d] = q.dims();
-    let nk = k.dims()[1];
+    let data = t.clone().into_data();
+    (f.take().expect("not called yet"))(data.as_slice::<f32>().expect("an f32 tensor reads back as f32"))
+}
+
+/// `x·W + b` for an f32 [`Linear`] on the CPU backend when nothing needs gradients; `layer`'s
+/// own forward otherwise.
+///
+/// burn-flex's matmul zero-fills its output, copies it into an aligned buffer and then adds
+/// the bias in a second pass; here the output starts as the bias rows and one `gemm` call
+/// accumulates into it, reading `x` and the weight in place (either memory order; see
+/// [`backward_friendly_layout`]).
+pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let weight = layer.weight.val();
+    let bias = layer.bias.as_ref().map(|b| b.val());
+    if D < 2 || !is_native_cpu(&x.device()) {
+        return layer.forward(x);
+    }
+    let dims = x.dims();
+    let [k, n] = weight.dims();
+    let m: usize = dims[..D - 1].iter().product();
+    let untracked = !x.is_tracked() && !weight.is_tracked() && bias.as_ref().is_none_or(|b| !b.is_tracked());
+    if dims[D - 1] != k || m == 0 || !untracked {
+        return layer.forward(x);
+    }
+    let mut out = vec![0.0f32; m * n];
+    if let Some(bias) = &bias {
+        let copied =
+            contiguous(bias, |b| out.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|row| row.copy_from_slice(b))));
+        if copied.is_none() {
+            return layer.forward(x);
+        }
+    }
+    let done = with_storage(&weight, |w, w_layout| {
+        let (w_rs, w_cs) = (w_layout.strides()[0], w_layout.strides()[1]);
+        contiguous(&x, |x| {
+            let parallelism = if m * n * k >= 1 << 20 { Parallelism::Rayon(0) } else { Parallelism::None };
+            // SAFETY: `x` holds `m × k` values row-major, the weight `k × n` values from
+            // `w_layout.start_offset()` with strides `(w_rs, w_cs)` inside `w`, and `out`
+            // `m × n` row-major. `out = 1·out + 1·(x W)`: the bias rows plus the product.
+            unsafe {
+                gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    bias.is_some(),
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr().add(w_layout.start_offset()),
+                    w_cs,
+                    w_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        })
+    });
+    if done.flatten().is_none() {
+        return layer.forward(x);
+    }
+    let mut out_dims = dims;
+    out_dims[D - 1] = n;
+    Tensor::from_data(TensorData::new(out, out_dims), &x.device())
+}
+
+/// Whether [`fused_attention`] applies to these tensors: all f32 on the CPU backend, none
+/// needing gradients. Elsewhere the caller uses burn's attention.
+pub fn attention_applies(tensors: &[&Tensor<3>]) -> bool {
+    tensors.iter().all(|t| !t.is_tracked() && t.dtype() == DType::F32 && is_native_cpu(&t.device()))
+}
+
+/// Multi-head scaled dot-product attention, `softmax(q·kᵀ/√Dh)·v` per head, read straight from
+/// the fused projection `qkv` `[B, Nk, 3D]` (q, k and v side by side, `D = heads·Dh`); the
+/// queries are the first `n` rows. `deltas` are added to q (`[B, n, D]`), k and v
+/// (`[B, Nk, D]`) first: the LoRA updates. Returns `[B, n, D]`. Only where
+/// [`attention_applies`] to every input.
+///
+/// The projection is consumed: when nothing else holds it, its buffer is read (and the deltas
+/// added) in place, so no copy of q, k or v is made.
+pub fn fused_attention(qkv: Tensor<3>, deltas: [Option<Tensor<3>>; 3], n: usize, heads: usize) -> Tensor<3> {
+    let [b, nk, d3] = qkv.dims();
+    let d = d3 / 3;
+    assert!(d3 == 3 * d && n <= nk && d % heads == 0, "fused attention: qkv {:?}, {n} queries, {heads} heads", qkv.dims());
     let dh = d / heads;
-    let device = q.device();
-    let (q, k, v) = (q.clone().into_data(), k.clone().into_data(), v.clone().into_data());
-    let (q, k, v) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
+    let device = qkv.device();
+    let mut qkv = qkv.into_data();
+    let buffer = qkv.as_mut_slice::<f32>().expect("an f32 tensor reads back as f32");
+    for (part, delta) in deltas.into_iter().enumerate() {
+        let Some(delta) = delta else { continue };
+        let rows = if part == 0 { n } else { nk };
+        assert_eq!(delta.dims(), [b, rows, d], "fused attention: delta {part}");
+        let delta = delta.into_data();
+        let delta = delta.as_slice::<f32>().expect("an f32 tensor reads back as f32");
+        buffer.par_chunks_mut(nk * d3).zip(delta.par_chunks(rows * d)).for_each(|(batch, delta)| {
+            for (row, delta) in batch.chunks_mut(d3).zip(delta.chunks(d)) {
+                for (x, &dx) in row[part * d..(part + 1) * d].iter_mut().zip(delta) {
+                    *x += dx;
+                }
+            }
+        });
+    }
+    let buffer = &*buffer;
     let scale = (dh as f32).powf(-0.5);
     let mut out = vec![0.0f32; b * n * d];
-    out.par_chunks_mut(n * d).enumerate().for_each(|(batch, out)| {
-        let q = &q[batch * n * d..(batch + 1) * n * d];
-        let k = &k[batch * nk * d..(batch + 1) * nk * d];
-        let v = &v[batch * nk * d..(batch + 1) * nk * d];
+    out.par_chunks_mut(n * d).zip(buffer.par_chunks(nk * d3)).for_each(|(out, qkv)| {
         let mut scores = vec![0.0f32; n * nk];
         for head in 0..heads {
             let col = head * dh;
-            // SAFETY: every operand lies inside its slice: `q`/`out` rows `0..n` and `k`/`v`
-            // rows `0..nk`, each `d` apart, columns `col..col + dh` (`col + dh ≤ d`); `scores`
-            // holds `n × nk`. `dst = 0·dst + scale·(q kᵀ)`, then `out = 0·out + 1·(p v)`.
+            let (q, k, v) = (&qkv[col..], &qkv[d + col..], &qkv[2 * d + col..]);
+            // SAFETY: every operand lies inside its slice: q rows `0..n` and k/v rows `0..nk`,
+            // each `3d` apart, `dh` columns from their start (`2d + col + dh ≤ 3d`); `out` rows
+            // `0..n`, `d` apart, columns `col..col + dh`; `scores` holds `n × nk`.
+            // `scores = 0·scores + scale·(q kᵀ)`, then `out = 0·out + 1·(p v)`.
             unsafe {
                 gemm(
                     n,
@@ -88,11 +208,11 @@ pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> O
                     1,
                     nk as isize,
                     false,
-                    q[col..].as_ptr(),
+                    q.as_ptr(),
                     1,
-                    d as isize,
-                    k[col..].as_ptr(),
-                    d as isize,
+                    d3 as isize,
+                    k.as_ptr(),
+                    d3 as isize,
                     1,
                     0.0,
                     scale,
@@ -115,9 +235,9 @@ pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> O
                     scores.as_ptr(),
                     1,
                     nk as isize,
-                    v[col..].as_ptr(),
+                    v.as_ptr(),
                     1,
-                    d as isize,
+                    d3 as isize,
                     0.0,
                     1.0,
                     false,
@@ -128,7 +248,7 @@ pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> O
             }
         }
     });
-    Some(Tensor::from_data(TensorData::new(out, [b, n, d]), &device))
+    Tensor::from_data(TensorData::new(out, [b, n, d]), &device)
 }
 
 /// Stores the frozen `qkv` and `fc1` weights of `module`'s blocks output-major (`[d_out, d_in]`
@@ -304,20 +424,78 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_attention_kernel_matches_burns_explicit_attention() {
+    fn the_fused_attention_kernel_matches_burns_explicit_attention() {
         use burn::tensor::{Device, Distribution};
         let device = Device::flex();
+        // Queries are the first `n` of `nk` rows (memory tokens add keys only); deltas on q and v.
         let (b, n, nk, heads, dh) = (3, 7, 9, 4, 5);
         let d = heads * dh;
-        let q = Tensor::<3>::random([b, n, d], Distribution::Normal(0.0, 1.0), &device);
-        let k = Tensor::<3>::random([b, nk, d], Distribution::Normal(0.0, 1.0), &device);
-        let v = Tensor::<3>::random([b, nk, d], Distribution::Normal(0.0, 1.0), &device);
-        let ours = attention(&q, &k, &v, heads).expect("the CPU kernel applies on the CPU backend");
+        let normal = |dims: [usize; 3]| Tensor::<3>::random(dims, Distribution::Normal(0.0, 1.0), &device);
+        let qkv = normal([b, nk, 3 * d]);
+        let (dq, dv) = (normal([b, n, d]), normal([b, nk, d]));
+        let q = qkv.clone().narrow(1, 0, n).narrow(2, 0, d) + dq.clone();
+        let k = qkv.clone().narrow(2, d, d);
+        let v = qkv.clone().narrow(2, 2 * d, d) + dv.clone();
+        assert!(attention_applies(&[&qkv, &dq, &dv]));
+        let ours = fused_attention(qkv, [Some(dq), None, Some(dv)], n, heads);
         let split = |t: Tensor<3>, len: usize| t.reshape([b, len, heads, dh]).swap_dims(1, 2);
         let scores = split(q, n).matmul(split(k, nk).swap_dims(2, 3)).mul_scalar((dh as f64).powf(-0.5));
         let reference = activation::softmax(scores, 3).matmul(split(v, nk)).swap_dims(1, 2).reshape([b, n, d]);
         let worst = (ours - reference).abs().max().into_scalar::<f32>();
         assert!(worst < 1e-5, "largest difference {worst}");
+    }
+
+    #[test]
+    fn the_cpu_linear_matches_burns_in_either_weight_order_with_or_without_bias() {
+        use burn::module::Param;
+        use burn::tensor::{Device, Distribution};
+        let device = Device::flex();
+        let x = Tensor::<3>::random([3, 5, 7], Distribution::Normal(0.0, 1.0), &device);
+        let weight = Tensor::<2>::random([7, 4], Distribution::Normal(0.0, 1.0), &device);
+        let bias = Tensor::<1>::random([4], Distribution::Normal(0.0, 1.0), &device);
+        let output_major = Tensor::<2>::from_data(weight.clone().swap_dims(0, 1).into_data(), &device).swap_dims(0, 1);
+        for w in [weight, output_major] {
+            for b in [Some(bias.clone()), None] {
+                let layer = Linear { weight: Param::from_tensor(w.clone()), bias: b.map(Param::from_tensor) };
+                let gap = (linear(&layer, x.clone()) - layer.forward(x.clone())).abs().max().into_scalar::<f32>();
+                assert!(gap < 1e-5, "largest difference {gap}");
+            }
+        }
+        // With gradients it is burn's own forward, so the gradient reaches the input.
+        let ad = Device::flex().autodiff();
+        let x = Tensor::<2>::random([2, 7], Distribution::Normal(0.0, 1.0), &ad).require_grad();
+        let layer = crate::model::init_linear(7, 4, burn::nn::Initializer::Ones, &ad);
+        let grads = linear(&layer, x.clone()).sum().backward();
+        assert!(x.grad(&grads).is_some());
+    }
+
+    #[test]
+    fn the_passes_without_gradients_match_burns_path_on_an_explora_backbone() {
+        // The teacher's setting: ExPLoRA plan (LoRA on Q and V, one unfrozen block), frozen
+        // weights in the output-major layout, then the module without autodiff. Its forward runs
+        // explora's CPU linear and attention; with a tracked input the same module runs burn's.
+        use crate::model::{ForwardOptions, VitConfig, params::map_params};
+        use crate::peft::{AdaptationPlan, Preset, apply_plan};
+        use burn::module::Module;
+        use burn::tensor::{Device, Distribution};
+        let device = Device::flex().autodiff();
+        device.seed(7);
+        let config = VitConfig::tiny();
+        let plan = AdaptationPlan::preset(Preset::Explora, &config);
+        let model = apply_plan(config.init(&device), &plan).expect("the plan fits");
+        // LoRA's B starts at zero; give every adapter a visible update.
+        let model = map_params(model, |name, t| {
+            name.contains("lora").then(|| Tensor::random([t.dims()[0]], Distribution::Normal(0.0, 0.1), &t.device()))
+        });
+        let model = backward_friendly_layout(model);
+        let images = Tensor::<4>::random([3, 3, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+        let reference = model.forward(images.clone().require_grad(), ForwardOptions::default());
+        assert!(reference.cls.is_tracked(), "the reference takes burn's path");
+        let ours = model.valid().forward(images.inner(), ForwardOptions::default());
+        let gap = |a: Tensor<3>, b: Tensor<3>| (a.inner() - b.inner()).abs().max().into_scalar::<f32>();
+        let patches = gap(reference.patches, ours.patches);
+        let cls = gap(reference.cls.unsqueeze(), ours.cls.unsqueeze());
+        assert!(patches < 1e-4 && cls < 1e-4, "patches {patches}, cls {cls}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod vit;
 
 pub use config::{Family, VitConfig, VitConfigError};
 pub use convpass::Convpass;
-pub use cpu::{backward_friendly_layout, gelu};
+pub use cpu::{backward_friendly_layout, gelu, linear as cpu_linear};
 pub use lora::Lora;
 pub use memory::{MemoryTask, memory_mask};
 pub use params::to_vec;

@@ -93,21 +93,35 @@ impl Attention {
             None => x.clone(),
         };
         let nk = kv_input.dims()[1];
-        let qkv = self.qkv.forward(kv_input.clone()); // [B, NK, 3D]: q, k, v
-        let q = adapted(qkv.clone().narrow(1, 0, n).narrow(2, 0, d), &self.lora_q, &x);
-        let k = adapted(qkv.clone().narrow(2, d, d), &self.lora_k, &kv_input);
-        let v = adapted(qkv.narrow(2, 2 * d, d), &self.lora_v, &kv_input);
+        let qkv = cpu::linear(&self.qkv, kv_input.clone()); // [B, NK, 3D]: q, k, v
+        let delta = |lora: &Option<Lora>, input: &Tensor<3>| lora.as_ref().map(|l| l.delta(input.clone()));
+        let deltas = [delta(&self.lora_q, &x), delta(&self.lora_k, &kv_input), delta(&self.lora_v, &kv_input)];
+        if !return_probs && bias.is_none() {
+            // Without gradients on the CPU backend, explora's own kernel reads the heads in
+            // place from the fused projection, the LoRA deltas added into it.
+            let inputs: Vec<&Tensor<3>> = std::iter::once(&qkv).chain(deltas.iter().flatten()).collect();
+            if cpu::attention_applies(&inputs) {
+                let context = cpu::fused_attention(qkv, deltas, n, h);
+                let out = adapted(cpu::linear(&self.proj, context.clone()), &self.lora_proj, &context);
+                return (out, None);
+            }
+        }
+        let plus = |t: Tensor<3>, delta: Option<Tensor<3>>| match delta {
+            Some(delta) => t + delta,
+            None => t,
+        };
+        let [dq, dk, dv] = deltas;
+        let q = plus(qkv.clone().narrow(1, 0, n).narrow(2, 0, d), dq);
+        let k = plus(qkv.clone().narrow(2, d, d), dk);
+        let v = plus(qkv.narrow(2, 2 * d, d), dv);
         let heads = |t: Tensor<3>, len: usize| t.reshape([b, len, h, dh]).swap_dims(1, 2); // [B, H, len, Dh]
         if !return_probs && bias.is_none() {
-            // Without gradients on the CPU backend, explora's own kernel; otherwise the
-            // backend's fused attention (flash kernels on CubeCL without autodiff; autodiff
+            // The backend's fused attention (flash kernels on CubeCL without autodiff; autodiff
             // falls back to the explicit form below).
-            let context = cpu::attention(&q, &k, &v, h).unwrap_or_else(|| {
-                attention(heads(q, n), heads(k, nk), heads(v, nk), None, None, AttentionModuleOptions::default())
-                    .swap_dims(1, 2)
-                    .reshape([b, n, d])
-            });
-            let out = adapted(self.proj.forward(context.clone()), &self.lora_proj, &context);
+            let context = attention(heads(q, n), heads(k, nk), heads(v, nk), None, None, AttentionModuleOptions::default())
+                .swap_dims(1, 2)
+                .reshape([b, n, d]);
+            let out = adapted(cpu::linear(&self.proj, context.clone()), &self.lora_proj, &context);
             return (out, None);
         }
         let mut scores = heads(q, n).mul_scalar((dh as f64).powf(-0.5)).matmul(heads(k, nk).swap_dims(2, 3));
@@ -116,7 +130,7 @@ impl Attention {
         }
         let probs = softmax(scores, 3);
         let context = probs.clone().matmul(heads(v, nk)).swap_dims(1, 2).reshape([b, n, d]);
-        let out = adapted(self.proj.forward(context.clone()), &self.lora_proj, &context);
+        let out = adapted(cpu::linear(&self.proj, context.clone()), &self.lora_proj, &context);
         (out, return_probs.then_some(probs))
     }
 }
@@ -147,7 +161,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let hidden = adapted(self.fc1.forward(x.clone()), &self.lora_fc1, &x);
+        let hidden = adapted(cpu::linear(&self.fc1, x.clone()), &self.lora_fc1, &x);
         let hidden = if self.swiglu {
             let mut halves = hidden.chunk(2, 2);
             let x2 = halves.pop().expect("two halves");
@@ -156,7 +170,7 @@ impl Mlp {
         } else {
             gelu(hidden)
         };
-        adapted(self.fc2.forward(hidden.clone()), &self.lora_fc2, &hidden)
+        adapted(cpu::linear(&self.fc2, hidden.clone()), &self.lora_fc2, &hidden)
     }
 }
 

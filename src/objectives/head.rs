@@ -74,7 +74,7 @@ impl DinoHead {
         let last = self.mlp.len() - 1;
         let mut h = x;
         for (i, layer) in self.mlp.iter().enumerate() {
-            h = layer.forward(h);
+            h = crate::model::cpu_linear(layer, h);
             if i < last {
                 h = gelu(h);
             }
