@@ -93,31 +93,34 @@ fn read<const D: usize, R>(t: &Tensor<D>, f: impl FnOnce(&[f32]) -> R) -> R {
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let weight = layer.weight.val();
     let bias = layer.bias.as_ref().map(|b| b.val());
-    if D < 2 || !is_native_cpu(&x.device()) {
-        return layer.forward(x);
+    affine(&x, &weight, bias.as_ref(), 1.0).unwrap_or_else(|| layer.forward(x))
+}
+
+/// `scale·(x·W) + b` on the CPU backend for f32 tensors that need no gradients, `x` `[.., k]`
+/// contiguous and `W` `[k, n]` in any memory order; `None` where that does not apply.
+pub fn affine<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>, scale: f32) -> Option<Tensor<D>> {
+    let untracked = !x.is_tracked() && !weight.is_tracked() && bias.is_none_or(|b| !b.is_tracked());
+    if D < 2 || !untracked || !is_native_cpu(&x.device()) {
+        return None;
     }
     let dims = x.dims();
     let [k, n] = weight.dims();
     let m: usize = dims[..D - 1].iter().product();
-    let untracked = !x.is_tracked() && !weight.is_tracked() && bias.as_ref().is_none_or(|b| !b.is_tracked());
-    if dims[D - 1] != k || m == 0 || !untracked {
-        return layer.forward(x);
+    if dims[D - 1] != k || m == 0 || bias.is_some_and(|b| b.dims() != [n]) {
+        return None;
     }
     let mut out = vec![0.0f32; m * n];
-    if let Some(bias) = &bias {
-        let copied =
-            contiguous(bias, |b| out.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|row| row.copy_from_slice(b))));
-        if copied.is_none() {
-            return layer.forward(x);
-        }
+    if let Some(bias) = bias {
+        contiguous(bias, |b| out.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|row| row.copy_from_slice(b))))?;
     }
-    let done = with_storage(&weight, |w, w_layout| {
+    with_storage(weight, |w, w_layout| {
         let (w_rs, w_cs) = (w_layout.strides()[0], w_layout.strides()[1]);
-        contiguous(&x, |x| {
+        contiguous(x, |x| {
             let parallelism = if m * n * k >= 1 << 20 { Parallelism::Rayon(0) } else { Parallelism::None };
             // SAFETY: `x` holds `m × k` values row-major, the weight `k × n` values from
             // `w_layout.start_offset()` with strides `(w_rs, w_cs)` inside `w`, and `out`
-            // `m × n` row-major. `out = 1·out + 1·(x W)`: the bias rows plus the product.
+            // `m × n` row-major. `out = 1·out + scale·(x W)`: the bias rows (or nothing) plus
+            // the product.
             unsafe {
                 gemm(
                     m,
@@ -134,7 +137,7 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
                     w_cs,
                     w_rs,
                     1.0,
-                    1.0,
+                    scale,
                     false,
                     false,
                     false,
@@ -142,13 +145,10 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
                 );
             }
         })
-    });
-    if done.flatten().is_none() {
-        return layer.forward(x);
-    }
+    })??;
     let mut out_dims = dims;
     out_dims[D - 1] = n;
-    Tensor::from_data(TensorData::new(out, out_dims), &x.device())
+    Some(Tensor::from_data(TensorData::new(out, out_dims), &x.device()))
 }
 
 /// Whether [`fused_attention`] applies to these tensors: all f32 on the CPU backend, none

@@ -42,7 +42,13 @@ impl Lora {
 
     /// The update for input `x` `[.., d_in]` → `[.., d_out]`.
     pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(linear(self.dropout.forward(x), self.a.val(), None), self.b.val(), None).mul_scalar(self.scale)
+        let x = self.dropout.forward(x);
+        let (a, b) = (self.a.val(), self.b.val());
+        // Without gradients on the CPU backend: two gemm calls, the scale folded into the second.
+        if let Some(delta) = super::cpu::affine(&x, &a, None, 1.0).and_then(|h| super::cpu::affine(&h, &b, None, self.scale as f32)) {
+            return delta;
+        }
+        linear(linear(x, a, None), b, None).mul_scalar(self.scale)
     }
 
     /// The dense update `scale · A B` `[d_in, d_out]` (burn's weight orientation), for merging.

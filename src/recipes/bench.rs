@@ -2,7 +2,8 @@
 //! explora's own code paths, so the two can be run side by side on one machine.
 //!
 //! - `infer`: the backbone's forward pass (no autodiff) on `infer_batch` random images of
-//!   `infer_size` px, CLS features → images/s.
+//!   `infer_size` px, CLS features → images/s. As in the reference (its EMA teacher), the
+//!   backbone carries the ExPLoRA plan's LoRA adapters, unmerged.
 //! - `train`: one ExPLoRA optimizer step of the DINOv2 objective exactly as `pretrain` runs it
 //!   ([`optimizer_step`]): student on 2 global (masked, 30 % of the patches of every global
 //!   crop, as the reference) + `locals` local crops, EMA teacher on the globals, one DINO/iBOT
@@ -161,7 +162,8 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
     device.seed(config.seed);
     if matches!(config.mode, BenchMode::Infer | BenchMode::Both) {
         ctx.phase(crate::engine::Phase::step("bench: infer"), Some((1 + config.warmup + config.steps) as u64));
-        let model = vit.init(device);
+        let plan = config.pretrain_config(&vit).plan.resolve(&vit).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let model = apply_plan(vit.init(device), &plan)?;
         let x = Tensor::<4>::random([config.infer_batch, 3, config.infer_size, config.infer_size], Distribution::Normal(0.0, 1.0), device);
         // Each call ends with a read-back, so its time includes the device's work.
         let features = || model.forward(x.clone(), ForwardOptions::default()).cls.sum().into_scalar::<f32>();
