@@ -93,7 +93,121 @@ fn read<const D: usize, R>(t: &Tensor<D>, f: impl FnOnce(&[f32]) -> R) -> R {
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let weight = layer.weight.val();
     let bias = layer.bias.as_ref().map(|b| b.val());
-    affine(&x, &weight, bias.as_ref(), 1.0).unwrap_or_else(|| layer.forward(x))
+    affine(&x, &weight, bias.as_ref(), 1.0).or_else(|| frozen_linear(layer, &x)).unwrap_or_else(|| layer.forward(x))
+}
+
+/// A linear layer whose weight and bias are frozen, on an input that needs gradients, on the
+/// CPU backend: the forward is [`affine`]'s single `gemm` call and the backward one `gemm` call
+/// for `dY·Wᵀ` (burn's autodiff linear zero-fills, copies and adds the bias in passes of its
+/// own, both ways). `None` where that does not apply (another device or dtype, a trainable
+/// weight or bias, gradient checkpointing).
+pub fn frozen_linear<const D: usize>(layer: &Linear, x: &Tensor<D>) -> Option<Tensor<D>> {
+    use burn_autodiff::Autodiff;
+    use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn_autodiff::ops::{Backward, OpsKind};
+    let weight = layer.weight.val();
+    let bias = layer.bias.as_ref().map(|b| b.val());
+    let frozen = !weight.is_tracked() && bias.as_ref().is_none_or(|b| !b.is_tracked());
+    if D < 2 || !frozen || !x.is_tracked() || !is_native_cpu(&x.device()) || x.dtype() != DType::F32 {
+        return None;
+    }
+    let w = weight.inner().try_into_primitive::<burn_flex::Flex>().ok()?;
+    let b = match bias {
+        Some(b) => Some(b.inner().try_into_primitive::<burn_flex::Flex>().ok()?),
+        None => None,
+    };
+    let [k, n] = w.layout().shape().dims::<2>();
+    if w.dtype() != DType::F32 || b.as_ref().is_some_and(|b| b.dtype() != DType::F32 || !b.layout().is_contiguous()) {
+        return None;
+    }
+    let input = x.clone().try_into_primitive::<Autodiff<burn_flex::Flex, NoCheckpointing>>().ok()?;
+    let output = flex_affine(input.primitive(), &w, b.as_ref(), false)?;
+    debug_assert_eq!(output.layout().shape().dims::<D>()[D - 1], n);
+
+    #[derive(Debug)]
+    struct FrozenLinear;
+    impl Backward<burn_flex::Flex, 1> for FrozenLinear {
+        type State = burn_flex::FlexTensor;
+        fn backward(
+            self,
+            ops: burn_autodiff::ops::Ops<Self::State, 1>,
+            grads: &mut burn_autodiff::grads::Gradients,
+            _: &mut burn_autodiff::checkpoint::base::Checkpointer,
+        ) {
+            let grad = grads.consume::<burn_flex::Flex>(&ops.node);
+            let [Some(parent)] = ops.parents else { return };
+            let grad = if grad.layout().is_contiguous() { grad } else { grad.to_contiguous() };
+            let dx = flex_affine(&grad, &ops.state, None, true).expect("dY·Wᵀ of a frozen linear layer");
+            grads.register::<burn_flex::Flex>(parent.id, dx);
+        }
+    }
+    let _ = k;
+    let result = match FrozenLinear.prepare::<NoCheckpointing>([input.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(w, output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    };
+    Some(Tensor::from_primitive::<Autodiff<burn_flex::Flex, NoCheckpointing>>(result))
+}
+
+/// `x·W + b` (or `x·Wᵀ` with `transposed`) on CPU-backend tensors: one `gemm` call into the
+/// bias rows, `x` contiguous, `W` `[k, n]` in any memory order. `None` where `x` is not
+/// contiguous f32 or the shapes do not fit.
+fn flex_affine(
+    x: &burn_flex::FlexTensor,
+    w: &burn_flex::FlexTensor,
+    bias: Option<&burn_flex::FlexTensor>,
+    transposed: bool,
+) -> Option<burn_flex::FlexTensor> {
+    let (x_layout, w_layout) = (x.layout(), w.layout());
+    if x.dtype() != DType::F32 || !x_layout.is_contiguous() || w_layout.shape().num_dims() != 2 {
+        return None;
+    }
+    let dims = x_layout.shape().clone();
+    let rank = dims.num_dims();
+    let [rows, cols] = w_layout.shape().dims::<2>();
+    let (w_rs, w_cs) = (w_layout.strides()[0], w_layout.strides()[1]);
+    // The product's operand `[k, n]` with its strides (row, column).
+    let (k, n, rhs_rs, rhs_cs) = if transposed { (cols, rows, w_cs, w_rs) } else { (rows, cols, w_rs, w_cs) };
+    if rank < 2 || dims[rank - 1] != k {
+        return None;
+    }
+    let m = dims.num_elements() / k;
+    let mut out = vec![0.0f32; m * n];
+    if let Some(bias) = bias {
+        let b = &bias.storage::<f32>()[bias.layout().start_offset()..][..n];
+        out.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|row| row.copy_from_slice(b)));
+    }
+    let xs = &x.storage::<f32>()[x_layout.start_offset()..][..m * k];
+    let ws = w.storage::<f32>();
+    let parallelism = if m * n * k >= 1 << 20 { Parallelism::Rayon(0) } else { Parallelism::None };
+    // SAFETY: `xs` holds `m × k` values row-major; the operand `k × n` lies inside `ws` from
+    // the weight's start offset with strides `(rhs_rs, rhs_cs)`; `out` holds `m × n` row-major.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            bias.is_some(),
+            xs.as_ptr(),
+            1,
+            k as isize,
+            ws.as_ptr().add(w_layout.start_offset()),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    let mut out_dims = dims.clone();
+    out_dims[rank - 1] = n;
+    Some(burn_flex::FlexTensor::from_data(TensorData::new(out, out_dims)))
 }
 
 /// `scale·(x·W) + b` on the CPU backend for f32 tensors that need no gradients, `x` `[.., k]`
@@ -461,19 +575,45 @@ mod tests {
                 assert!(gap < 1e-5, "largest difference {gap}");
             }
         }
-        // With gradients it is burn's own forward, so the gradient reaches the input.
+    }
+
+    #[test]
+    fn the_frozen_linear_matches_burns_in_value_and_input_gradient() {
+        use burn::module::{Module, Param};
+        use burn::tensor::{Device, Distribution};
         let ad = Device::flex().autodiff();
-        let x = Tensor::<2>::random([2, 7], Distribution::Normal(0.0, 1.0), &ad).require_grad();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let weight = Tensor::<2>::random([7, 4], normal, &ad);
+        let output_major = Tensor::<2>::from_data(weight.clone().inner().swap_dims(0, 1).into_data(), &ad).swap_dims(0, 1);
+        let bias = Tensor::<1>::random([4], normal, &ad);
+        let upstream = Tensor::<3>::random([3, 5, 4], normal, &ad);
+        for w in [weight, output_major] {
+            for b in [Some(bias.clone()), None] {
+                let layer = Linear { weight: Param::from_tensor(w.clone()), bias: b.map(Param::from_tensor) }.no_grad();
+                let x = Tensor::<3>::random([3, 5, 7], normal, &ad).require_grad();
+                let ours = frozen_linear(&layer, &x).expect("a frozen layer on a tracked input");
+                let reference = layer.forward(x.clone());
+                let (g1, g2) =
+                    ((ours.clone() * upstream.clone()).sum().backward(), (reference.clone() * upstream.clone()).sum().backward());
+                let value_gap = (ours - reference).abs().max().into_scalar::<f32>();
+                let grad_gap = (x.grad(&g1).expect("a gradient") - x.grad(&g2).expect("a gradient")).abs().max().into_scalar::<f32>();
+                assert!(value_gap < 1e-5 && grad_gap < 1e-5, "value {value_gap}, gradient {grad_gap}");
+            }
+        }
+        // A trainable weight keeps burn's linear (its gradient is needed).
+        let x = Tensor::<2>::random([2, 7], normal, &ad).require_grad();
         let layer = crate::model::init_linear(7, 4, burn::nn::Initializer::Ones, &ad);
+        assert!(frozen_linear(&layer, &x).is_none());
         let grads = linear(&layer, x.clone()).sum().backward();
-        assert!(x.grad(&grads).is_some());
+        assert!(x.grad(&grads).is_some() && layer.weight.grad(&grads).is_some());
     }
 
     #[test]
     fn the_passes_without_gradients_match_burns_path_on_an_explora_backbone() {
         // The teacher's setting: ExPLoRA plan (LoRA on Q and V, one unfrozen block), frozen
         // weights in the output-major layout, then the module without autodiff. Its forward runs
-        // explora's CPU linear and attention; with a tracked input the same module runs burn's.
+        // explora's CPU linear and fused attention; with a tracked input the same module runs
+        // burn's attention and linear layers (and the frozen ones' own op).
         use crate::model::{ForwardOptions, VitConfig, params::map_params};
         use crate::peft::{AdaptationPlan, Preset, apply_plan};
         use burn::module::Module;
