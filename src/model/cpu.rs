@@ -111,18 +111,13 @@ pub fn frozen_linear<const D: usize>(layer: &Linear, x: &Tensor<D>) -> Option<Te
     if D < 2 || !frozen || !x.is_tracked() || !is_native_cpu(&x.device()) || x.dtype() != DType::F32 {
         return None;
     }
-    let w = weight.inner().try_into_primitive::<burn_flex::Flex>().ok()?;
+    let w = flex_tensor(&weight)?;
     let b = match bias {
-        Some(b) => Some(b.inner().try_into_primitive::<burn_flex::Flex>().ok()?),
+        Some(b) => Some(flex_tensor(&b)?),
         None => None,
     };
-    let [k, n] = w.layout().shape().dims::<2>();
-    if w.dtype() != DType::F32 || b.as_ref().is_some_and(|b| b.dtype() != DType::F32 || !b.layout().is_contiguous()) {
-        return None;
-    }
     let input = x.clone().try_into_primitive::<Autodiff<burn_flex::Flex, NoCheckpointing>>().ok()?;
-    let output = flex_affine(input.primitive(), &w, b.as_ref(), false)?;
-    debug_assert_eq!(output.layout().shape().dims::<D>()[D - 1], n);
+    let output = flex_affine(input.primitive(), &w, b.as_ref(), false, 1.0)?;
 
     #[derive(Debug)]
     struct FrozenLinear;
@@ -137,11 +132,10 @@ pub fn frozen_linear<const D: usize>(layer: &Linear, x: &Tensor<D>) -> Option<Te
             let grad = grads.consume::<burn_flex::Flex>(&ops.node);
             let [Some(parent)] = ops.parents else { return };
             let grad = if grad.layout().is_contiguous() { grad } else { grad.to_contiguous() };
-            let dx = flex_affine(&grad, &ops.state, None, true).expect("dY·Wᵀ of a frozen linear layer");
+            let dx = flex_affine(&grad, &ops.state, None, true, 1.0).expect("dY·Wᵀ of a frozen linear layer");
             grads.register::<burn_flex::Flex>(parent.id, dx);
         }
     }
-    let _ = k;
     let result = match FrozenLinear.prepare::<NoCheckpointing>([input.node()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(w, output),
         OpsKind::UnTracked(prep) => prep.finish(output),
@@ -149,17 +143,19 @@ pub fn frozen_linear<const D: usize>(layer: &Linear, x: &Tensor<D>) -> Option<Te
     Some(Tensor::from_primitive::<Autodiff<burn_flex::Flex, NoCheckpointing>>(result))
 }
 
-/// `x·W + b` (or `x·Wᵀ` with `transposed`) on CPU-backend tensors: one `gemm` call into the
-/// bias rows, `x` contiguous, `W` `[k, n]` in any memory order. `None` where `x` is not
-/// contiguous f32 or the shapes do not fit.
+/// `scale·(x·W) + b` (or with `Wᵀ` when `transposed`) on CPU-backend tensors: one `gemm` call
+/// into the bias rows, `x` contiguous, `W` `[k, n]` in any memory order. `None` where a tensor
+/// is not f32, `x` or the bias not contiguous, or the shapes do not fit.
 fn flex_affine(
     x: &burn_flex::FlexTensor,
     w: &burn_flex::FlexTensor,
     bias: Option<&burn_flex::FlexTensor>,
     transposed: bool,
+    scale: f32,
 ) -> Option<burn_flex::FlexTensor> {
     let (x_layout, w_layout) = (x.layout(), w.layout());
-    if x.dtype() != DType::F32 || !x_layout.is_contiguous() || w_layout.shape().num_dims() != 2 {
+    let f32_tensors = x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.is_none_or(|b| b.dtype() == DType::F32);
+    if !f32_tensors || !x_layout.is_contiguous() || w_layout.shape().num_dims() != 2 {
         return None;
     }
     let dims = x_layout.shape().clone();
@@ -168,10 +164,14 @@ fn flex_affine(
     let (w_rs, w_cs) = (w_layout.strides()[0], w_layout.strides()[1]);
     // The product's operand `[k, n]` with its strides (row, column).
     let (k, n, rhs_rs, rhs_cs) = if transposed { (cols, rows, w_cs, w_rs) } else { (rows, cols, w_rs, w_cs) };
-    if rank < 2 || dims[rank - 1] != k {
+    let bias_fits = bias.is_none_or(|b| b.layout().is_contiguous() && b.layout().num_elements() == n);
+    if rank < 2 || dims[rank - 1] != k || k == 0 || !bias_fits {
         return None;
     }
     let m = dims.num_elements() / k;
+    if m == 0 || n == 0 {
+        return None;
+    }
     let mut out = vec![0.0f32; m * n];
     if let Some(bias) = bias {
         let b = &bias.storage::<f32>()[bias.layout().start_offset()..][..n];
@@ -182,6 +182,7 @@ fn flex_affine(
     let parallelism = if m * n * k >= 1 << 20 { Parallelism::Rayon(0) } else { Parallelism::None };
     // SAFETY: `xs` holds `m × k` values row-major; the operand `k × n` lies inside `ws` from
     // the weight's start offset with strides `(rhs_rs, rhs_cs)`; `out` holds `m × n` row-major.
+    // `out = 1·out + scale·(x W)`: the bias rows (or nothing) plus the product.
     unsafe {
         gemm(
             m,
@@ -198,7 +199,7 @@ fn flex_affine(
             rhs_cs,
             rhs_rs,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -217,52 +218,18 @@ pub fn affine<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&T
     if D < 2 || !untracked || !is_native_cpu(&x.device()) {
         return None;
     }
-    let dims = x.dims();
-    let [k, n] = weight.dims();
-    let m: usize = dims[..D - 1].iter().product();
-    if dims[D - 1] != k || m == 0 || bias.is_some_and(|b| b.dims() != [n]) {
-        return None;
-    }
-    let mut out = vec![0.0f32; m * n];
-    if let Some(bias) = bias {
-        contiguous(bias, |b| out.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|row| row.copy_from_slice(b))))?;
-    }
-    with_storage(weight, |w, w_layout| {
-        let (w_rs, w_cs) = (w_layout.strides()[0], w_layout.strides()[1]);
-        contiguous(x, |x| {
-            let parallelism = if m * n * k >= 1 << 20 { Parallelism::Rayon(0) } else { Parallelism::None };
-            // SAFETY: `x` holds `m × k` values row-major, the weight `k × n` values from
-            // `w_layout.start_offset()` with strides `(w_rs, w_cs)` inside `w`, and `out`
-            // `m × n` row-major. `out = 1·out + scale·(x W)`: the bias rows (or nothing) plus
-            // the product.
-            unsafe {
-                gemm(
-                    m,
-                    n,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    bias.is_some(),
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr().add(w_layout.start_offset()),
-                    w_cs,
-                    w_rs,
-                    1.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
-        })
-    })??;
-    let mut out_dims = dims;
-    out_dims[D - 1] = n;
-    Some(Tensor::from_data(TensorData::new(out, out_dims), &x.device()))
+    let b = match bias {
+        Some(b) => Some(flex_tensor(b)?),
+        None => None,
+    };
+    let out = flex_affine(&flex_tensor(x)?, &flex_tensor(weight)?, b.as_ref(), false, scale)?;
+    let out = Tensor::<D>::from_primitive::<burn_flex::Flex>(out);
+    Some(if x.is_autodiff() { out.autodiff() } else { out })
+}
+
+/// The CPU backend's own tensor behind `t` (sharing its buffer); `None` on another backend.
+fn flex_tensor<const D: usize>(t: &Tensor<D>) -> Option<burn_flex::FlexTensor> {
+    t.clone().inner().try_into_primitive::<burn_flex::Flex>().ok()
 }
 
 /// Whether [`fused_attention`] applies to these tensors: all f32 on the CPU backend, none
