@@ -22,6 +22,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use super::params::Path;
 use crate::device::is_native_cpu;
 
 /// Elements per parallel chunk: large enough that rayon's scheduling is noise.
@@ -60,7 +61,7 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// `f(values, layout)` on the CPU backend's own buffer of `t` (no copy, whoever else holds
 /// it); `None` for another backend or dtype.
 fn with_storage<const D: usize, R>(t: &Tensor<D>, f: impl FnOnce(&[f32], &burn_flex::Layout) -> R) -> Option<R> {
-    let flex = t.clone().inner().try_into_primitive::<burn_flex::Flex>().ok()?;
+    let flex = flex_tensor(t)?;
     (flex.dtype() == DType::F32).then(|| f(flex.storage::<f32>(), flex.layout()))
 }
 
@@ -93,7 +94,7 @@ fn read<const D: usize, R>(t: &Tensor<D>, f: impl FnOnce(&[f32]) -> R) -> R {
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let weight = layer.weight.val();
     let bias = layer.bias.as_ref().map(|b| b.val());
-    affine(&x, &weight, bias.as_ref(), 1.0).or_else(|| frozen_linear(layer, &x)).unwrap_or_else(|| layer.forward(x))
+    affine(&x, &weight, bias.as_ref(), 1.0).or_else(|| frozen_linear(&x, &weight, bias.as_ref())).unwrap_or_else(|| layer.forward(x))
 }
 
 /// A linear layer whose weight and bias are frozen, on an input that needs gradients, on the
@@ -101,19 +102,17 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
 /// for `dY·Wᵀ` (burn's autodiff linear zero-fills, copies and adds the bias in passes of its
 /// own, both ways). `None` where that does not apply (another device or dtype, a trainable
 /// weight or bias, gradient checkpointing).
-pub fn frozen_linear<const D: usize>(layer: &Linear, x: &Tensor<D>) -> Option<Tensor<D>> {
+pub fn frozen_linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>) -> Option<Tensor<D>> {
     use burn_autodiff::Autodiff;
     use burn_autodiff::checkpoint::strategy::NoCheckpointing;
     use burn_autodiff::ops::{Backward, OpsKind};
-    let weight = layer.weight.val();
-    let bias = layer.bias.as_ref().map(|b| b.val());
-    let frozen = !weight.is_tracked() && bias.as_ref().is_none_or(|b| !b.is_tracked());
+    let frozen = !weight.is_tracked() && bias.is_none_or(|b| !b.is_tracked());
     if D < 2 || !frozen || !x.is_tracked() || !is_native_cpu(&x.device()) || x.dtype() != DType::F32 {
         return None;
     }
-    let w = flex_tensor(&weight)?;
+    let w = flex_tensor(weight)?;
     let b = match bias {
-        Some(b) => Some(flex_tensor(&b)?),
+        Some(b) => Some(flex_tensor(b)?),
         None => None,
     };
     let input = x.clone().try_into_primitive::<Autodiff<burn_flex::Flex, NoCheckpointing>>().ok()?;
@@ -344,22 +343,24 @@ pub fn fused_attention(qkv: Tensor<3>, deltas: [Option<Tensor<3>>; 3], n: usize,
 /// (~175-185). `proj` and `fc2` (384 outputs) keep their layout: for them it is the other way
 /// round. Values, checkpoints and gradients are unchanged; only the memory order differs.
 pub fn backward_friendly_layout<M: burn::module::Module>(module: M) -> M {
-    module.map(&mut OutputMajor { path: Vec::new() })
+    module.map(&mut OutputMajor { path: Path::new() })
 }
 
 struct OutputMajor {
-    path: Vec<String>,
+    path: Path,
 }
 
 impl burn::module::ModuleMapper for OutputMajor {
     fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+        self.path.enter(name);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<D>>) -> burn::module::Param<Tensor<D>> {
-        let wanted = matches!(self.path.as_slice(), [.., layer, weight] if (layer == "qkv" || layer == "fc1") && weight == "weight");
+        let name = self.path.name();
+        let mut parts = name.rsplit('.');
+        let wanted = matches!((parts.next(), parts.next()), (Some("weight"), Some("qkv" | "fc1")));
         let (id, tensor, mapper) = param.consume();
         let frozen = !tensor.is_require_grad();
         if !wanted || D != 2 || !frozen || tensor.dtype() != DType::F32 || !is_native_cpu(&tensor.device()) {
@@ -558,7 +559,8 @@ mod tests {
             for b in [Some(bias.clone()), None] {
                 let layer = Linear { weight: Param::from_tensor(w.clone()), bias: b.map(Param::from_tensor) }.no_grad();
                 let x = Tensor::<3>::random([3, 5, 7], normal, &ad).require_grad();
-                let ours = frozen_linear(&layer, &x).expect("a frozen layer on a tracked input");
+                let bias = layer.bias.as_ref().map(|b| b.val());
+                let ours = frozen_linear(&x, &layer.weight.val(), bias.as_ref()).expect("a frozen layer on a tracked input");
                 let reference = layer.forward(x.clone());
                 let (g1, g2) =
                     ((ours.clone() * upstream.clone()).sum().backward(), (reference.clone() * upstream.clone()).sum().backward());
@@ -570,7 +572,7 @@ mod tests {
         // A trainable weight keeps burn's linear (its gradient is needed).
         let x = Tensor::<2>::random([2, 7], normal, &ad).require_grad();
         let layer = crate::model::init_linear(7, 4, burn::nn::Initializer::Ones, &ad);
-        assert!(frozen_linear(&layer, &x).is_none());
+        assert!(frozen_linear(&x, &layer.weight.val(), layer.bias.as_ref().map(|b| b.val()).as_ref()).is_none());
         let grads = linear(&layer, x.clone()).sum().backward();
         assert!(x.grad(&grads).is_some() && layer.weight.grad(&grads).is_some());
     }
@@ -625,6 +627,8 @@ mod tests {
         }
         let qkv = laid_out.blocks[0].attn.qkv.weight.val();
         assert_eq!(qkv.dims(), [64, 192], "readers still see [d_in, d_out]");
+        let stored = flex_tensor(&qkv).expect("a CPU-backend tensor");
+        assert_eq!(stored.layout().strides(), &[1, 64], "stored [d_out, d_in]");
         let images = Tensor::<4>::random([2, 3, 64, 64], Distribution::Normal(0.0, 1.0), &device).require_grad();
         let weights = Tensor::<2>::random([2, 64], Distribution::Normal(0.0, 1.0), &device);
         let run = |m: &crate::model::Vit| {

@@ -6,16 +6,20 @@ use std::collections::HashMap;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Gradients, Tensor};
 
-struct Path(Vec<String>);
+/// The dotted path of the module a visitor or mapper is in.
+pub(crate) struct Path(Vec<String>);
 
 impl Path {
-    fn enter(&mut self, name: &str) {
+    pub(crate) fn new() -> Self {
+        Self(Vec::new())
+    }
+    pub(crate) fn enter(&mut self, name: &str) {
         self.0.push(name.to_string());
     }
-    fn exit(&mut self) {
+    pub(crate) fn exit(&mut self) {
         self.0.pop();
     }
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.0.join(".")
     }
 }
@@ -51,7 +55,7 @@ impl<F: FnMut(&str, Tensor<1>, bool)> ModuleVisitor for Visit<'_, F> {
 /// Calls `f(path, values, trainable)` for every float parameter; `values` is the flattened
 /// tensor without autodiff.
 pub fn for_each_param<M: Module>(module: &M, mut f: impl FnMut(&str, Tensor<1>, bool)) {
-    module.visit(&mut Visit { path: Path(Vec::new()), trainable_only: false, f: &mut f });
+    module.visit(&mut Visit { path: Path::new(), trainable_only: false, f: &mut f });
 }
 
 /// The trainable (`require_grad`) parameters of `module`, by path, flattened, without autodiff.
@@ -60,7 +64,7 @@ pub fn trainable_params<M: Module>(module: &M) -> HashMap<String, Tensor<1>> {
     let mut f = |name: &str, t, _| {
         out.insert(name.to_string(), t);
     };
-    module.visit(&mut Visit { path: Path(Vec::new()), trainable_only: true, f: &mut f });
+    module.visit(&mut Visit { path: Path::new(), trainable_only: true, f: &mut f });
     out
 }
 
@@ -115,7 +119,7 @@ pub fn map_selected_params<M: Module>(
     select: impl Fn(&str) -> bool,
     mut f: impl FnMut(&str, Tensor<1>) -> Option<Tensor<1>>,
 ) -> M {
-    module.map(&mut Map { path: Path(Vec::new()), select: &select, f: &mut f })
+    module.map(&mut Map { path: Path::new(), select: &select, f: &mut f })
 }
 
 /// Sign descent, `p ← p − lr·sign(g)` for every parameter with a gradient: the optimizer of
@@ -155,7 +159,7 @@ impl ModuleVisitor for Grads<'_> {
 /// Adds the gradients of `module`'s parameters in `grads` to `into` (by path, flattened):
 /// called once per micro-batch, it accumulates.
 pub fn accumulate_grads<M: Module>(module: &M, grads: &Gradients, into: &mut HashMap<String, Tensor<1>>) {
-    module.visit(&mut Grads { path: Path(Vec::new()), grads, out: into });
+    module.visit(&mut Grads { path: Path::new(), grads, out: into });
 }
 
 /// Reads a float tensor back to the host as `f32`.

@@ -160,9 +160,11 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
     });
     let mut peak = None;
     device.seed(config.seed);
+    // Both workloads run the backbone with the ExPLoRA plan applied, as the reference does.
+    let pre = config.pretrain_config(&vit);
+    let plan = pre.plan.resolve(&vit).map_err(|e| anyhow::anyhow!("{e}"))?;
     if matches!(config.mode, BenchMode::Infer | BenchMode::Both) {
         ctx.phase(crate::engine::Phase::step("bench: infer"), Some((1 + config.warmup + config.steps) as u64));
-        let plan = config.pretrain_config(&vit).plan.resolve(&vit).map_err(|e| anyhow::anyhow!("{e}"))?;
         let model = apply_plan(vit.init(device), &plan)?;
         let x = Tensor::<4>::random([config.infer_batch, 3, config.infer_size, config.infer_size], Distribution::Normal(0.0, 1.0), device);
         // Each call ends with a read-back, so its time includes the device's work.
@@ -192,9 +194,7 @@ pub fn run(config: &BenchConfig, device: &Device, ctx: &mut JobContext) -> anyho
     }
     if matches!(config.mode, BenchMode::Train | BenchMode::Both) {
         ctx.phase(crate::engine::Phase::step("bench: train"), Some((1 + config.warmup + config.steps) as u64));
-        let pre = config.pretrain_config(&vit);
         let ad = device.clone().autodiff();
-        let plan = pre.plan.resolve(&vit).map_err(|e| anyhow::anyhow!("{e}"))?;
         let budget = plan.budget(&vit);
         // iBOT needs a mask token; the reference adds one to checkpoints that lack it.
         let vit = VitConfig { mask_token: true, ..vit.clone() };
