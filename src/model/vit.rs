@@ -74,6 +74,17 @@ fn adapted<const D: usize>(y: Tensor<D>, lora: &Option<Lora>, x: &Tensor<D>) -> 
     }
 }
 
+/// `qkv + [dq, dk, dv]` (`[B, N, 3D]`), a zero block where a delta is absent.
+fn with_deltas(qkv: Tensor<3>, deltas: [Option<Tensor<3>>; 3]) -> Tensor<3> {
+    if deltas.iter().all(Option::is_none) {
+        return qkv;
+    }
+    let [b, n, d3] = qkv.dims();
+    let device = qkv.device();
+    let blocks = deltas.map(|delta| delta.unwrap_or_else(|| Tensor::zeros([b, n, d3 / 3], &device)));
+    qkv + Tensor::cat(blocks.into(), 2)
+}
+
 impl Attention {
     /// `[B, N, D]` → `[B, N, D]`, plus the attention probabilities `[B, heads, N, N + M]` when
     /// asked. `extra` (`[B, M, D]`, already normalised) adds keys/values that issue no query
@@ -106,6 +117,20 @@ impl Attention {
                 return (out, None);
             }
         }
+        let (qkv, deltas) = if !return_probs && bias.is_none() && nk == n && cpu::attention_with_grad_applies(&qkv) {
+            // With gradients on the CPU backend: explora's attention operation on the
+            // projection with LoRA's deltas added, as one `[B, N, 3D]` tensor.
+            let qkv = with_deltas(qkv, deltas);
+            match cpu::attention_with_grad(qkv.clone(), h) {
+                Some(context) => {
+                    let out = adapted(cpu::linear(&self.proj, context.clone()), &self.lora_proj, &context);
+                    return (out, None);
+                }
+                None => (qkv, [None, None, None]),
+            }
+        } else {
+            (qkv, deltas)
+        };
         let plus = |t: Tensor<3>, delta: Option<Tensor<3>>| match delta {
             Some(delta) => t + delta,
             None => t,

@@ -1,6 +1,6 @@
 //! Kernels for the CPU backend (burn-flex) where its own are slow on a ViT: the exact (erf)
-//! GELU and the attention of the passes without gradients. Every other device, and every
-//! other dtype, keeps burn's own operations.
+//! GELU, the linear layers without trainable weights, and the attention (in `attention`).
+//! Every other device, and every other dtype, keeps burn's own operations.
 //!
 //! **GELU.** burn-flex evaluates `gelu` and `gelu_backward` one element at a time on one thread through
 //! libm's `erff` (and `expf` for the derivative): on a ViT-S/14 forward at 224 px that was the
@@ -8,13 +8,6 @@
 //! the derivative in one parallel, auto-vectorised pass over the activations instead and puts
 //! them back into the graph as `x·g + (gelu(x) − x·g)` with `g = gelu'(x)` held constant: the
 //! value is `gelu(x)` and the gradient is `g`, both exact up to the erf approximation below.
-//!
-//! **Attention.** burn-flex's fused attention wants `[B, heads, N, Dh]` inputs (three strided
-//! copies of the `[B, N, D]` projections, and one more back) and runs its softmax through
-//! scalar `expf` per score. [`fused_attention`] reads the heads in place from the fused
-//! `[B, N, 3D]` projection with strided `gemm` calls, writes the context straight into
-//! `[B, N, D]`, and computes the softmax with the vectorised exponential below; one batch
-//! element per parallel task.
 
 use burn::nn::Linear;
 use burn::tensor::activation;
@@ -231,106 +224,6 @@ fn flex_tensor<const D: usize>(t: &Tensor<D>) -> Option<burn_flex::FlexTensor> {
     t.clone().inner().try_into_primitive::<burn_flex::Flex>().ok()
 }
 
-/// Whether [`fused_attention`] applies to these tensors: all f32 on the CPU backend, none
-/// needing gradients. Elsewhere the caller uses burn's attention.
-pub fn attention_applies(tensors: &[&Tensor<3>]) -> bool {
-    tensors.iter().all(|t| !t.is_tracked() && t.dtype() == DType::F32 && is_native_cpu(&t.device()))
-}
-
-/// Multi-head scaled dot-product attention, `softmax(q·kᵀ/√Dh)·v` per head, read straight from
-/// the fused projection `qkv` `[B, Nk, 3D]` (q, k and v side by side, `D = heads·Dh`); the
-/// queries are the first `n` rows. `deltas` are added to q (`[B, n, D]`), k and v
-/// (`[B, Nk, D]`) first: the LoRA updates. Returns `[B, n, D]`. Only where
-/// [`attention_applies`] to every input.
-///
-/// The projection is consumed: when nothing else holds it, its buffer is read (and the deltas
-/// added) in place, so no copy of q, k or v is made.
-pub fn fused_attention(qkv: Tensor<3>, deltas: [Option<Tensor<3>>; 3], n: usize, heads: usize) -> Tensor<3> {
-    let [b, nk, d3] = qkv.dims();
-    let d = d3 / 3;
-    assert!(d3 == 3 * d && n <= nk && d % heads == 0, "fused attention: qkv {:?}, {n} queries, {heads} heads", qkv.dims());
-    let dh = d / heads;
-    let device = qkv.device();
-    let mut qkv = qkv.into_data();
-    let buffer = qkv.as_mut_slice::<f32>().expect("an f32 tensor reads back as f32");
-    for (part, delta) in deltas.into_iter().enumerate() {
-        let Some(delta) = delta else { continue };
-        let rows = if part == 0 { n } else { nk };
-        assert_eq!(delta.dims(), [b, rows, d], "fused attention: delta {part}");
-        let delta = delta.into_data();
-        let delta = delta.as_slice::<f32>().expect("an f32 tensor reads back as f32");
-        buffer.par_chunks_mut(nk * d3).zip(delta.par_chunks(rows * d)).for_each(|(batch, delta)| {
-            for (row, delta) in batch.chunks_mut(d3).zip(delta.chunks(d)) {
-                for (x, &dx) in row[part * d..(part + 1) * d].iter_mut().zip(delta) {
-                    *x += dx;
-                }
-            }
-        });
-    }
-    let buffer = &*buffer;
-    let scale = (dh as f32).powf(-0.5);
-    let mut out = vec![0.0f32; b * n * d];
-    out.par_chunks_mut(n * d).zip(buffer.par_chunks(nk * d3)).for_each(|(out, qkv)| {
-        let mut scores = vec![0.0f32; n * nk];
-        for head in 0..heads {
-            let col = head * dh;
-            let (q, k, v) = (&qkv[col..], &qkv[d + col..], &qkv[2 * d + col..]);
-            // SAFETY: every operand lies inside its slice: q rows `0..n` and k/v rows `0..nk`,
-            // each `3d` apart, `dh` columns from their start (`2d + col + dh ≤ 3d`); `out` rows
-            // `0..n`, `d` apart, columns `col..col + dh`; `scores` holds `n × nk`.
-            // `scores = 0·scores + scale·(q kᵀ)`, then `out = 0·out + 1·(p v)`.
-            unsafe {
-                gemm(
-                    n,
-                    nk,
-                    dh,
-                    scores.as_mut_ptr(),
-                    1,
-                    nk as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    d3 as isize,
-                    k.as_ptr(),
-                    d3 as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-            softmax_rows(&mut scores, nk);
-            unsafe {
-                gemm(
-                    n,
-                    dh,
-                    nk,
-                    out[col..].as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    nk as isize,
-                    v.as_ptr(),
-                    1,
-                    d3 as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-        }
-    });
-    Tensor::from_data(TensorData::new(out, [b, n, d]), &device)
-}
-
 /// Stores the frozen `qkv` and `fc1` weights of `module`'s blocks output-major (`[d_out, d_in]`
 /// in memory, still `[d_in, d_out]` to every reader) on the CPU backend; a no-op elsewhere.
 ///
@@ -416,38 +309,8 @@ with_avx2!(gelu_slopes(x: &[f32], slope: &mut [f32], offset: &mut [f32]) {
     }
 });
 
-with_avx2!(
-    /// `row ← softmax(row)` for each `len`-long row of `rows`, with the vectorised exponential.
-    /// The maximum and the sum run over eight lanes so that they vectorise too (a single
-    /// running float sum cannot be reordered by the compiler).
-    softmax_rows(rows: &mut [f32], len: usize) {
-    const LANES: usize = 8;
-    for row in rows.chunks_exact_mut(len) {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (m, &x) in lanes.iter_mut().zip(chunk) {
-                *m = if x > *m { x } else { *m };
-            }
-        }
-        let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-        for x in row.iter_mut() {
-            *x = exp_nonpositive(*x - max);
-        }
-        let mut sums = [0.0f32; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (s, &x) in sums.iter_mut().zip(chunk) {
-                *s += x;
-            }
-        }
-        let sum: f32 = sums.iter().chain(chunks.remainder()).sum();
-        let inv = 1.0 / sum;
-        for x in row.iter_mut() {
-            *x *= inv;
-        }
-    }
-});
+mod attention;
+pub use attention::{attention_applies, attention_with_grad, attention_with_grad_applies, fused_attention};
 
 /// `(gelu(x), gelu'(x))` = `(x·Φ(x), Φ(x) + x·φ(x))`. Branch-free so that the loops above
 /// vectorise.
@@ -504,28 +367,6 @@ fn exp_nonpositive(v: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_fused_attention_kernel_matches_burns_explicit_attention() {
-        use burn::tensor::{Device, Distribution};
-        let device = Device::flex();
-        // Queries are the first `n` of `nk` rows (memory tokens add keys only); deltas on q and v.
-        let (b, n, nk, heads, dh) = (3, 7, 9, 4, 5);
-        let d = heads * dh;
-        let normal = |dims: [usize; 3]| Tensor::<3>::random(dims, Distribution::Normal(0.0, 1.0), &device);
-        let qkv = normal([b, nk, 3 * d]);
-        let (dq, dv) = (normal([b, n, d]), normal([b, nk, d]));
-        let q = qkv.clone().narrow(1, 0, n).narrow(2, 0, d) + dq.clone();
-        let k = qkv.clone().narrow(2, d, d);
-        let v = qkv.clone().narrow(2, 2 * d, d) + dv.clone();
-        assert!(attention_applies(&[&qkv, &dq, &dv]));
-        let ours = fused_attention(qkv, [Some(dq), None, Some(dv)], n, heads);
-        let split = |t: Tensor<3>, len: usize| t.reshape([b, len, heads, dh]).swap_dims(1, 2);
-        let scores = split(q, n).matmul(split(k, nk).swap_dims(2, 3)).mul_scalar((dh as f64).powf(-0.5));
-        let reference = activation::softmax(scores, 3).matmul(split(v, nk)).swap_dims(1, 2).reshape([b, n, d]);
-        let worst = (ours - reference).abs().max().into_scalar::<f32>();
-        assert!(worst < 1e-5, "largest difference {worst}");
-    }
 
     #[test]
     fn the_cpu_linear_matches_burns_in_either_weight_order_with_or_without_bias() {
