@@ -3,7 +3,7 @@
 //! (`blocks.N.attn.qkv`, `ls1.gamma`, ...), so that layout loads with renames only.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -113,18 +113,16 @@ impl Attention {
             let inputs: Vec<&Tensor<3>> = std::iter::once(&qkv).chain(deltas.iter().flatten()).collect();
             if cpu::attention_applies(&inputs) {
                 let context = cpu::fused_attention(qkv, deltas, n, h);
-                let out = adapted(cpu::linear(&self.proj, context.clone()), &self.lora_proj, &context);
-                return (out, None);
+                return (self.project_out(context), None);
             }
         }
         let (qkv, deltas) = if !return_probs && bias.is_none() && nk == n && cpu::attention_with_grad_applies(&qkv) {
             // With gradients on the CPU backend: explora's attention operation on the
             // projection with LoRA's deltas added, as one `[B, N, 3D]` tensor.
             let qkv = with_deltas(qkv, deltas);
-            match cpu::attention_with_grad(qkv.clone(), h) {
+            match cpu::attention_with_grad(qkv.clone(), h, None) {
                 Some(context) => {
-                    let out = adapted(cpu::linear(&self.proj, context.clone()), &self.lora_proj, &context);
-                    return (out, None);
+                    return (self.project_out(context), None);
                 }
                 None => (qkv, [None, None, None]),
             }
@@ -146,8 +144,7 @@ impl Attention {
             let context = attention(heads(q, n), heads(k, nk), heads(v, nk), None, None, AttentionModuleOptions::default())
                 .swap_dims(1, 2)
                 .reshape([b, n, d]);
-            let out = adapted(cpu::linear(&self.proj, context.clone()), &self.lora_proj, &context);
-            return (out, None);
+            return (self.project_out(context), None);
         }
         let mut scores = heads(q, n).mul_scalar((dh as f64).powf(-0.5)).matmul(heads(k, nk).swap_dims(2, 3));
         if let Some(bias) = bias {
@@ -155,8 +152,23 @@ impl Attention {
         }
         let probs = softmax(scores, 3);
         let context = probs.clone().matmul(heads(v, nk)).swap_dims(1, 2).reshape([b, n, d]);
-        let out = adapted(cpu::linear(&self.proj, context.clone()), &self.lora_proj, &context);
-        (out, return_probs.then_some(probs))
+        (self.project_out(context), return_probs.then_some(probs))
+    }
+
+    /// The attention of sequences packed in `x` `[1, T, D]`, runs of `lengths` tokens, on the
+    /// CPU backend (where [`cpu::attention_with_grad_applies`]).
+    fn forward_packed(&self, x: Tensor<3>, lengths: &Arc<[usize]>) -> Tensor<3> {
+        let qkv = cpu::linear(&self.qkv, x.clone());
+        let delta = |lora: &Option<Lora>| lora.as_ref().map(|l| l.delta(x.clone()));
+        let qkv = with_deltas(qkv, [delta(&self.lora_q), delta(&self.lora_k), delta(&self.lora_v)]);
+        let context = cpu::attention_with_grad(qkv, self.num_heads, Some(lengths.clone()))
+            .expect("packed attention runs only where the CPU backend's operation applies");
+        self.project_out(context)
+    }
+
+    /// The output projection of the attention's context, with its LoRA update.
+    fn project_out(&self, context: Tensor<3>) -> Tensor<3> {
+        adapted(cpu::linear(&self.proj, context.clone()), &self.lora_proj, &context)
     }
 }
 
@@ -263,19 +275,44 @@ impl Block {
         layout: TokenLayout,
         memory: Option<LayerMemory>,
     ) -> (Tensor<3>, Option<Tensor<4>>) {
-        let h = self.norm1.forward(x.clone());
         let (extra, bias) = match memory {
             // Memory tokens go through the block's first norm like the tokens they sit beside.
             Some(m) => (Some(self.norm1.forward(m.tokens)), Some(m.bias)),
             None => (None, None),
         };
-        let (attn, probs) = self.attn.forward(h.clone(), extra, bias, return_probs);
+        let mut probs = None;
+        let x = self.residuals(x, Some(layout), |h| {
+            let (out, p) = self.attn.forward(h, extra, bias, return_probs);
+            probs = p;
+            out
+        });
+        (x, probs)
+    }
+
+    /// Whether the block can run on packed sequences ([`Block::forward_packed`]): it has no
+    /// Convpass bypass (those read each image's patch grid).
+    fn packs(&self) -> bool {
+        self.convpass_attn.is_none() && self.convpass_mlp.is_none()
+    }
+
+    /// The block on sequences packed in `x` `[1, T, D]`, runs of `lengths` tokens: every layer
+    /// but the attention works row by row, so the rows of all sequences go through it at once.
+    fn forward_packed(&self, x: Tensor<3>, lengths: &Arc<[usize]>) -> Tensor<3> {
+        assert!(self.packs(), "a block with Convpass runs per crop size");
+        self.residuals(x, None, |h| self.attn.forward_packed(h, lengths))
+    }
+
+    /// `x + ls1(attend(norm1 x))`, then `x + ls2(mlp(norm2 x))`, with the Convpass bypasses
+    /// where the block has them (they need the token `layout`).
+    fn residuals(&self, x: Tensor<3>, layout: Option<TokenLayout>, attend: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        let h = self.norm1.forward(x.clone());
+        let attn = attend(h.clone());
         let attn = match &self.ls1 {
             Some(ls) => ls.forward(attn),
             None => attn,
         };
         let mut x = x + attn;
-        if let Some(c) = &self.convpass_attn {
+        if let (Some(c), Some(layout)) = (&self.convpass_attn, layout) {
             x = x + c.forward(h, layout.prefix, layout.grid);
         }
         let h = self.norm2.forward(x.clone());
@@ -285,10 +322,10 @@ impl Block {
             None => mlp,
         };
         let mut x = x + mlp;
-        if let Some(c) = &self.convpass_mlp {
+        if let (Some(c), Some(layout)) = (&self.convpass_mlp, layout) {
             x = x + c.forward(h, layout.prefix, layout.grid);
         }
-        (x, probs)
+        x
     }
 }
 
@@ -503,16 +540,130 @@ impl Vit {
                 attentions.push((index, probs));
             }
         }
+        self.output(self.norm.forward(x), grid, original, attentions)
+    }
+
+    /// Several crop sizes in one pass (a DINOv2 student's global and local crops): one output
+    /// per `(images, options)`, as [`Vit::forward`] gives them.
+    ///
+    /// On the CPU backend (with gradients, no memory tasks, no Convpass, no attention maps
+    /// asked for) the tokens of all crops go through the blocks packed as one `[1, T, D]`
+    /// tensor: the linear layers, norms and MLPs run once over the rows of every crop (one
+    /// product per weight instead of one per crop size) and the attention per image.
+    /// Elsewhere each crop size runs its own forward.
+    pub fn forward_crops(&self, crops: Vec<(Tensor<4>, ForwardOptions)>) -> Vec<VitOutput> {
+        if !self.packs(&crops) {
+            return crops.into_iter().map(|(images, options)| self.forward(images, options)).collect();
+        }
+        let embedded: Vec<_> = crops.into_iter().map(|(images, options)| self.embed_tokens(images, options.mask)).collect();
+        let mut lengths = Vec::new();
+        let mut rows = Vec::new();
+        for (x, _) in &embedded {
+            let [b, n, d] = x.dims();
+            lengths.extend(std::iter::repeat_n(n, b));
+            rows.push(x.clone().reshape([1, b * n, d]));
+        }
+        let lengths: Arc<[usize]> = lengths.into();
+        let mut x = Tensor::cat(rows, 1);
+        for block in &self.blocks {
+            x = block.forward_packed(x, &lengths);
+        }
         let x = self.norm.forward(x);
+        let mut start = 0;
+        embedded
+            .into_iter()
+            .map(|(tokens, grid)| {
+                let [b, n, d] = tokens.dims();
+                let part = x.clone().narrow(1, start, b * n).reshape([b, n, d]);
+                start += b * n;
+                self.output(part, grid, n, Vec::new())
+            })
+            .collect()
+    }
+
+    /// Whether [`Vit::forward_crops`] packs these crops into one pass.
+    fn packs(&self, crops: &[(Tensor<4>, ForwardOptions)]) -> bool {
+        crops.len() > 1
+            && self.tasks.is_empty()
+            && self.blocks.iter().all(Block::packs)
+            && crops.iter().all(|(images, options)| options.attention_layers.is_empty() && cpu::attention_with_grad_applies(images))
+    }
+
+    /// The outputs of the final tokens `x` `[B, T, D]` (after the final norm): the first
+    /// `original` are CLS, registers and the `grid`'s patches, then the memory tasks' classes.
+    fn output(&self, x: Tensor<3>, grid: (usize, usize), original: usize, attentions: Vec<(usize, Tensor<4>)>) -> VitOutput {
+        let [b, _, d] = x.dims();
         let r = self.config.num_registers;
         let n = grid.0 * grid.1;
         VitOutput {
             cls: x.clone().narrow(1, 0, 1).reshape([b, d]),
             registers: (r > 0).then(|| x.clone().narrow(1, 1, r)),
-            task_cls: (0..k).map(|i| x.clone().narrow(1, original + i, 1).reshape([b, d])).collect(),
+            task_cls: (0..self.tasks.len()).map(|i| x.clone().narrow(1, original + i, 1).reshape([b, d])).collect(),
             patches: x.narrow(1, 1 + r, n),
             attentions,
             grid,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use burn::tensor::Distribution;
+
+    use super::*;
+    use crate::model::params::{accumulate_grads, map_params};
+    use crate::peft::{AdaptationPlan, Preset, apply_plan};
+
+    #[test]
+    fn crops_of_two_sizes_packed_in_one_pass_match_a_forward_per_size() {
+        // A DINOv2 student's pass: masked global crops and unmasked local crops through an
+        // ExPLoRA backbone (LoRA with a visible update, one unfrozen block). On the CPU backend
+        // the crops go through the blocks packed together; values and every trainable
+        // parameter's gradient must equal those of one forward per crop size.
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        let config = VitConfig::tiny();
+        let plan = AdaptationPlan::preset(Preset::Explora, &config);
+        let model = apply_plan(config.init(&device), &plan).expect("the plan fits");
+        let model = map_params(model, |name, t| {
+            name.contains("lora").then(|| Tensor::random([t.dims()[0]], Distribution::Normal(0.0, 0.1), &t.device()))
+        });
+        let p = config.patch_size;
+        let globals = Tensor::<4>::random([4, 3, 4 * p, 4 * p], Distribution::Normal(0.0, 1.0), &device);
+        let locals = Tensor::<4>::random([6, 3, 2 * p, 2 * p], Distribution::Normal(0.0, 1.0), &device);
+        let mask = Tensor::<2>::random([4, 16], Distribution::Uniform(0.0, 1.0), &device).lower_elem(0.3);
+        let masked = || ForwardOptions { mask: Some(mask.clone()), ..Default::default() };
+        let crops = vec![(globals.clone(), masked()), (locals.clone(), ForwardOptions::default())];
+        assert!(model.packs(&crops), "the CPU backend packs the crops");
+        assert!(!model.valid().packs(&[(globals.clone().inner(), masked()), (locals.clone().inner(), ForwardOptions::default())]));
+        let packed = model.forward_crops(crops);
+        let separate = [model.forward(globals, masked()), model.forward(locals, ForwardOptions::default())];
+        // A loss that reads every output: CLS and patch tokens of both crop sizes.
+        let loss = |outputs: &[VitOutput]| {
+            outputs.iter().map(|o| o.cls.clone().powf_scalar(2.0).sum() + o.patches.clone().sin().sum()).reduce(|a, b| a + b).expect("two")
+        };
+        let gap = |a: Tensor<3>, b: Tensor<3>| (a.inner() - b.inner()).abs().max().into_scalar::<f32>();
+        for (ours, reference) in packed.iter().zip(&separate) {
+            assert_eq!(ours.patches.dims(), reference.patches.dims());
+            let cls = gap(ours.cls.clone().unsqueeze(), reference.cls.clone().unsqueeze());
+            let patches = gap(ours.patches.clone(), reference.patches.clone());
+            assert!(cls < 1e-4 && patches < 1e-4, "cls {cls}, patches {patches}");
+        }
+        let grads = |outputs: &[VitOutput]| {
+            let mut into = HashMap::new();
+            accumulate_grads(&model, &loss(outputs).backward(), &mut into);
+            into
+        };
+        let (ours, reference) = (grads(&packed), grads(&separate));
+        assert!(ours.keys().any(|name| name.contains("lora")) && ours.keys().any(|name| name.contains("mask_token")));
+        assert_eq!(ours.len(), reference.len());
+        for (name, grad) in &ours {
+            let other = &reference[name];
+            let worst = (grad.clone() - other.clone()).abs().max().into_scalar::<f32>();
+            let scale = other.clone().abs().max().into_scalar::<f32>().max(1.0);
+            assert!(worst < 1e-4 * scale, "{name}: gradients differ by {worst} (largest {scale})");
         }
     }
 }

@@ -108,14 +108,15 @@ pub fn step_loss(
     let device = inputs.globals.device();
     let zero = || Tensor::<1>::zeros([1], &device);
 
-    // Student: masked global crops and the local crops; one head pass over all rows.
-    let s_global =
-        student.backbone.forward(inputs.globals.clone(), ForwardOptions { mask: Some(inputs.masks.clone()), ..Default::default() });
+    // Student: masked global crops and the local crops in one backbone pass; one head pass
+    // over all rows.
+    let mut crops = vec![(inputs.globals.clone(), ForwardOptions { mask: Some(inputs.masks.clone()), ..Default::default() })];
+    crops.extend(inputs.locals.iter().map(|locals| (locals.clone(), ForwardOptions::default())));
+    let mut outputs = student.backbone.forward_crops(crops).into_iter();
+    let s_global = outputs.next().expect("one output per crop size");
     let [gb, n, d] = s_global.patches.dims();
     let mut rows = vec![s_global.cls.clone()];
-    if let Some(locals) = &inputs.locals {
-        rows.push(student.backbone.forward(locals.clone(), ForwardOptions::default()).cls);
-    }
+    rows.extend(outputs.map(|local| local.cls));
     let use_ibot = config.ibot_weight > 0.0;
     if use_ibot {
         rows.push(s_global.patches.clone().reshape([gb * n, d]).select(0, inputs.masked.index.clone()));

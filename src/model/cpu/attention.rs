@@ -119,29 +119,37 @@ pub fn fused_attention(qkv: Tensor<3>, deltas: [Option<Tensor<3>>; 3], n: usize,
 }
 
 
-/// Whether [`attention_with_grad`] may apply to `qkv`: f32 on the CPU backend.
-pub fn attention_with_grad_applies(qkv: &Tensor<3>) -> bool {
-    qkv.dtype() == DType::F32 && is_native_cpu(&qkv.device())
+/// Whether [`attention_with_grad`] applies to tensors like `t`: f32 on the CPU backend, in
+/// autodiff without gradient checkpointing.
+pub fn attention_with_grad_applies<const D: usize>(t: &Tensor<D>) -> bool {
+    use burn_autodiff::Autodiff;
+    use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+    t.dtype() == DType::F32
+        && is_native_cpu(&t.device())
+        && t.is_autodiff()
+        && t.clone().try_into_primitive::<Autodiff<burn_flex::Flex, NoCheckpointing>>().is_ok()
 }
 
 /// `softmax(q·kᵀ/√Dh)·v` per head with gradients, on the CPU backend: `qkv` `[B, N, 3D]` (q, k
-/// and v side by side, `D = heads·Dh`, LoRA deltas already added) → `[B, N, D]`. `None` where
-/// it does not apply (another device or dtype, an input without gradients, gradient
-/// checkpointing); the caller then takes burn's path.
-pub fn attention_with_grad(qkv: Tensor<3>, heads: usize) -> Option<Tensor<3>> {
+/// and v side by side, `D = heads·Dh`, LoRA deltas already added) → `[B, N, D]`. The
+/// sequences are the `B` rows of `N` tokens, or with `lengths` consecutive runs of that many
+/// tokens over all `B·N` (several crop sizes packed in one tensor). `None` where it does not
+/// apply (another device or dtype, a tensor outside autodiff, gradient checkpointing); the
+/// caller then takes burn's path.
+pub fn attention_with_grad(qkv: Tensor<3>, heads: usize, lengths: Option<Arc<[usize]>>) -> Option<Tensor<3>> {
     use burn_autodiff::Autodiff;
     use burn_autodiff::checkpoint::strategy::NoCheckpointing;
     use burn_autodiff::ops::{Backward, OpsKind};
     use burn_flex::{Flex, FlexTensor};
     let [b, n, d3] = qkv.dims();
     let d = d3 / 3;
-    let fits = d3 == 3 * d && heads > 0 && d % heads == 0 && b * n > 0;
-    if !fits || !qkv.is_tracked() || qkv.dtype() != DType::F32 || !is_native_cpu(&qkv.device()) {
+    let lengths = lengths.unwrap_or_else(|| vec![n; b].into());
+    let fits = d3 == 3 * d && heads > 0 && d % heads == 0 && b * n > 0 && lengths.iter().sum::<usize>() == b * n;
+    if !fits || !qkv.is_autodiff() || qkv.dtype() != DType::F32 || !is_native_cpu(&qkv.device()) {
         return None;
     }
     let input = qkv.try_into_primitive::<Autodiff<Flex, NoCheckpointing>>().ok()?;
     let values = contiguous_f32(input.primitive());
-    let lengths: Arc<[usize]> = vec![n; b].into();
     let (out, probs) = forward_with_probs(values.storage::<f32>(), &lengths, d, heads);
     let output = FlexTensor::from_data(TensorData::new(out, [b, n, d]));
 
@@ -395,7 +403,7 @@ mod tests {
             let d = heads * dh;
             let qkv = Tensor::<3>::random([b, n, 3 * d], Distribution::Normal(0.0, 1.0), &device).require_grad();
             let weights = Tensor::<3>::random([b, n, d], Distribution::Normal(0.0, 1.0), &device);
-            let ours = attention_with_grad(qkv.clone(), heads).expect("applies to a tracked f32 input");
+            let ours = attention_with_grad(qkv.clone(), heads, None).expect("applies to a tracked f32 input");
             let split = |t: Tensor<3>| t.reshape([b, n, heads, dh]).swap_dims(1, 2);
             let (q, k, v) = (qkv.clone().narrow(2, 0, d), qkv.clone().narrow(2, d, d), qkv.clone().narrow(2, 2 * d, d));
             let scores = split(q).matmul(split(k).swap_dims(2, 3)).mul_scalar((dh as f64).powf(-0.5));
@@ -407,7 +415,38 @@ mod tests {
             let grad = gap(ours_grad, reference_grad);
             assert!(value < 1e-5 && grad < 1e-4, "b {b}, n {n}, heads {heads}: value {value}, gradient {grad}");
         }
-        // Without gradients (or elsewhere) the caller keeps its own path.
-        assert!(attention_with_grad(Tensor::<3>::zeros([1, 2, 6], &Device::flex()), 1).is_none());
+        // Outside autodiff the caller keeps its own path.
+        assert!(!attention_with_grad_applies(&Tensor::<3>::zeros([1, 2, 6], &Device::flex())));
+        assert!(attention_with_grad(Tensor::<3>::zeros([1, 2, 6], &Device::flex()), 1, None).is_none());
+    }
+
+    #[test]
+    fn packed_sequences_of_two_lengths_match_each_length_on_its_own() {
+        use burn::tensor::{Device, Distribution};
+        let device = Device::flex().autodiff();
+        let (heads, dh) = (3, 8);
+        let d = heads * dh;
+        let normal = |dims: [usize; 3]| Tensor::<3>::random(dims, Distribution::Normal(0.0, 1.0), &device);
+        // Two images of 7 tokens and three of 3, packed as one [1, 23, 3D] tensor.
+        let (long, short) = (normal([2, 7, 3 * d]).require_grad(), normal([3, 3, 3 * d]).require_grad());
+        let packed = Tensor::cat(vec![long.clone().reshape([1, 14, 3 * d]), short.clone().reshape([1, 9, 3 * d])], 1);
+        let lengths: Arc<[usize]> = vec![7, 7, 3, 3, 3].into();
+        let ours = attention_with_grad(packed, heads, Some(lengths)).expect("applies");
+        let weights = normal([1, 23, d]);
+        let grads = (ours.clone() * weights.clone()).sum().backward();
+        let (long_grad, short_grad) = (long.grad(&grads).expect("a gradient"), short.grad(&grads).expect("a gradient"));
+        let alone = |t: Tensor<3>, start: usize, rows: usize| {
+            let [b, n, _] = t.dims();
+            let out = attention_with_grad(t.clone(), heads, None).expect("applies");
+            let w = weights.clone().narrow(1, start, rows).reshape([b, n, d]);
+            let grad = t.grad(&(out.clone() * w).sum().backward()).expect("a gradient");
+            (out.reshape([1, rows, d]), grad)
+        };
+        let (long_out, long_ref) = alone(long, 0, 14);
+        let (short_out, short_ref) = alone(short, 14, 9);
+        let gap = |a: Tensor<3>, b: Tensor<3>| (a.inner() - b.inner()).abs().max().into_scalar::<f32>();
+        let value = gap(ours, Tensor::cat(vec![long_out, short_out], 1));
+        let grad = gap(long_grad, long_ref).max(gap(short_grad, short_ref));
+        assert!(value < 1e-6 && grad < 1e-6, "value {value}, gradient {grad}");
     }
 }
