@@ -118,7 +118,6 @@ pub fn fused_attention(qkv: Tensor<3>, deltas: [Option<Tensor<3>>; 3], n: usize,
     Tensor::from_data(TensorData::new(out, [b, n, d]), &device)
 }
 
-
 /// Whether [`attention_with_grad`] applies to tensors like `t`: f32 on the CPU backend, in
 /// autodiff without gradient checkpointing.
 pub fn attention_with_grad_applies<const D: usize>(t: &Tensor<D>) -> bool {
@@ -364,7 +363,6 @@ with_avx2!(
     }
 });
 
-
 #[cfg(test)]
 mod tests {
     use burn::tensor::activation;
@@ -392,7 +390,6 @@ mod tests {
         let worst = (ours - reference).abs().max().into_scalar::<f32>();
         assert!(worst < 1e-5, "largest difference {worst}");
     }
-
 
     #[test]
     fn attention_with_gradients_matches_burns_in_value_and_gradient() {
