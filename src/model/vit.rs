@@ -224,6 +224,9 @@ pub struct Block {
     pub convpass_attn: Option<Convpass>,
     /// Convpass bypass beside the MLP (reads `norm2`'s output).
     pub convpass_mlp: Option<Convpass>,
+    /// The norms' ε (burn keeps a LayerNorm's own private).
+    #[module(skip)]
+    norm_eps: f64,
 }
 
 /// Where the patch grid sits in the token sequence: `prefix` tokens (CLS and registers), then
@@ -265,6 +268,7 @@ impl Block {
             ls2: scale(),
             convpass_attn: None,
             convpass_mlp: None,
+            norm_eps: eps,
         }
     }
 
@@ -305,7 +309,7 @@ impl Block {
     /// `x + ls1(attend(norm1 x))`, then `x + ls2(mlp(norm2 x))`, with the Convpass bypasses
     /// where the block has them (they need the token `layout`).
     fn residuals(&self, x: Tensor<3>, layout: Option<TokenLayout>, attend: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        let h = self.norm1.forward(x.clone());
+        let h = cpu::layer_norm(&self.norm1, x.clone(), self.norm_eps);
         let attn = attend(h.clone());
         let attn = match &self.ls1 {
             Some(ls) => ls.forward(attn),
@@ -315,7 +319,7 @@ impl Block {
         if let (Some(c), Some(layout)) = (&self.convpass_attn, layout) {
             x = x + c.forward(h, layout.prefix, layout.grid);
         }
-        let h = self.norm2.forward(x.clone());
+        let h = cpu::layer_norm(&self.norm2, x.clone(), self.norm_eps);
         let mlp = self.mlp.forward(h.clone());
         let mlp = match &self.ls2 {
             Some(ls) => ls.forward(mlp),
@@ -504,7 +508,7 @@ impl Vit {
         for block in &self.blocks {
             x = block.forward(x, false, layout, None).0;
         }
-        self.norm.forward(x)
+        cpu::layer_norm(&self.norm, x, self.config.norm_eps)
     }
 
     /// `[B, 3, H, W]` (ImageNet-normalised, H and W multiples of the patch size) → CLS, patch
@@ -540,7 +544,7 @@ impl Vit {
                 attentions.push((index, probs));
             }
         }
-        self.output(self.norm.forward(x), grid, original, attentions)
+        self.output(cpu::layer_norm(&self.norm, x, self.config.norm_eps), grid, original, attentions)
     }
 
     /// Several crop sizes in one pass (a DINOv2 student's global and local crops): one output
@@ -568,7 +572,7 @@ impl Vit {
         for block in &self.blocks {
             x = block.forward_packed(x, &lengths);
         }
-        let x = self.norm.forward(x);
+        let x = cpu::layer_norm(&self.norm, x, self.config.norm_eps);
         let mut start = 0;
         embedded
             .into_iter()

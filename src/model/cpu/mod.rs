@@ -310,7 +310,9 @@ with_avx2!(gelu_slopes(x: &[f32], slope: &mut [f32], offset: &mut [f32]) {
 });
 
 mod attention;
+mod norm;
 pub use attention::{attention_applies, attention_with_grad, attention_with_grad_applies, fused_attention};
+pub use norm::layer_norm;
 
 /// `(gelu(x), gelu'(x))` = `(x·Φ(x), Φ(x) + x·φ(x))`. Branch-free so that the loops above
 /// vectorise.
