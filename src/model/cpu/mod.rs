@@ -5,9 +5,9 @@
 //! **GELU.** burn-flex evaluates `gelu` and `gelu_backward` one element at a time on one thread through
 //! libm's `erff` (and `expf` for the derivative): on a ViT-S/14 forward at 224 px that was the
 //! largest single cost after the matmuls. On that backend this module computes the values and
-//! the derivative in one parallel, auto-vectorised pass over the activations instead and puts
-//! them back into the graph as `x·g + (gelu(x) − x·g)` with `g = gelu'(x)` held constant: the
-//! value is `gelu(x)` and the gradient is `g`, both exact up to the erf approximation below.
+//! the derivative in one parallel, auto-vectorised pass over the activations instead (exact up
+//! to the erf approximation below); with gradients it is an autodiff operation whose backward
+//! pass multiplies by the kept derivative.
 
 use burn::nn::Linear;
 use burn::tensor::activation;
@@ -36,19 +36,60 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         });
         return Tensor::from_data(TensorData::new(out, shape), &device);
     }
-    let (slope, offset) = read(&x, |input| {
-        let mut slope = vec![0.0f32; input.len()];
-        let mut offset = vec![0.0f32; input.len()];
-        slope
+    gelu_with_grad(&x).unwrap_or_else(|| activation::gelu(x))
+}
+
+/// The GELU as an autodiff operation: one pass computes the values and the slopes, the
+/// backward pass multiplies the gradient by the slopes. `None` outside autodiff without
+/// gradient checkpointing.
+fn gelu_with_grad<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
+    use burn_autodiff::Autodiff;
+    use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn_autodiff::ops::{Backward, OpsKind};
+    use burn_flex::{Flex, FlexTensor};
+    type Ad = Autodiff<Flex, NoCheckpointing>;
+    let input = x.clone().try_into_primitive::<Ad>().ok()?;
+    let shape = x.shape();
+    let (values, slopes) = read(x, |input| {
+        let mut values = vec![0.0f32; input.len()];
+        let mut slopes = vec![0.0f32; input.len()];
+        values
             .par_chunks_mut(CHUNK)
-            .zip(offset.par_chunks_mut(CHUNK))
+            .zip(slopes.par_chunks_mut(CHUNK))
             .zip(input.par_chunks(CHUNK))
-            .for_each(|((slope, offset), x)| gelu_slopes(x, slope, offset));
-        (slope, offset)
+            .for_each(|((values, slopes), x)| gelu_slopes(x, values, slopes));
+        (values, slopes)
     });
-    let slope = Tensor::from_data(TensorData::new(slope, shape.clone()), &device);
-    let offset = Tensor::from_data(TensorData::new(offset, shape), &device);
-    x * slope + offset
+    let output = FlexTensor::from_data(TensorData::new(values, shape.clone()));
+
+    #[derive(Debug)]
+    struct GeluBackward;
+    impl Backward<Flex, 1> for GeluBackward {
+        type State = FlexTensor;
+        fn backward(
+            self,
+            ops: burn_autodiff::ops::Ops<Self::State, 1>,
+            grads: &mut burn_autodiff::grads::Gradients,
+            _: &mut burn_autodiff::checkpoint::base::Checkpointer,
+        ) {
+            let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+            let [Some(parent)] = ops.parents else { return };
+            let shape = ops.state.layout().shape().clone();
+            let n = shape.num_elements();
+            let (grad, slopes) = (&grad.storage::<f32>()[..n], &ops.state.storage::<f32>()[..n]);
+            let mut dx = vec![0.0f32; n];
+            dx.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).zip(slopes.par_chunks(CHUNK)).for_each(|((dx, g), s)| {
+                dx.iter_mut().zip(g).zip(s).for_each(|((dx, &g), &s)| *dx = g * s);
+            });
+            grads.register::<Flex>(parent.id, FlexTensor::from_data(TensorData::new(dx, shape)));
+        }
+    }
+    let slopes = FlexTensor::from_data(TensorData::new(slopes, shape));
+    let result = match GeluBackward.prepare::<NoCheckpointing>([input.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(slopes, output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    };
+    Some(Tensor::from_primitive::<Ad>(result))
 }
 
 /// `f(values, layout)` on the CPU backend's own buffer of `t` (no copy, whoever else holds
@@ -301,11 +342,9 @@ with_avx2!(gelu_values(x: &[f32], out: &mut [f32]) {
     }
 });
 
-with_avx2!(gelu_slopes(x: &[f32], slope: &mut [f32], offset: &mut [f32]) {
-    for ((g, c), &x) in slope.iter_mut().zip(offset.iter_mut()).zip(x) {
-        let (value, derivative) = gelu_and_slope(x);
-        *g = derivative;
-        *c = value - x * derivative;
+with_avx2!(gelu_slopes(x: &[f32], values: &mut [f32], slopes: &mut [f32]) {
+    for ((v, s), &x) in values.iter_mut().zip(slopes.iter_mut()).zip(x) {
+        (*v, *s) = gelu_and_slope(x);
     }
 });
 
@@ -490,6 +529,7 @@ mod tests {
         use burn::tensor::{Device, Distribution};
         let device = Device::flex().autodiff();
         let x = Tensor::<2>::random([6, 50], Distribution::Normal(0.0, 3.0), &device).require_grad();
+        assert!(gelu_with_grad(&x).is_some(), "the CPU backend's operation applies");
         let ours = gelu(x.clone());
         let reference = activation::gelu(x.clone());
         let value_gap = (ours.clone() - reference.clone()).abs().max().into_scalar::<f32>();
