@@ -250,6 +250,57 @@ fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], lengths: &[usize], d: usiz
     dqkv
 }
 
+/// Sequences up to this long run their attention as plain loops over the head's columns;
+/// longer ones through `gemm` (its call costs more than the loops for a few tokens, and its
+/// kernel wins beyond).
+const SHORT: usize = 32;
+
+/// `dst ← scale·(lhs·rhs)`, `[m, n] = [m, k]·[k, n]`, single-threaded, every operand given by
+/// its (row, column) strides; `dst`'s rows are `dst_rs` apart and its columns contiguous.
+///
+/// # Safety
+/// Every element the strides reach must lie inside its allocation, and `dst` must not overlap
+/// the operands.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn product(
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    [m, n, k]: [usize; 3],
+    scale: f32,
+) {
+    // SAFETY: the caller's.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
 /// `Σ a·b` over eight lanes, so that the loop vectorises.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -280,6 +331,23 @@ with_avx2!(
     let n = out.len() / d;
     let dh = d / heads;
     let scale = (dh as f32).powf(-0.5);
+    if n > SHORT {
+        let d3 = 3 * d;
+        for (head, p) in probs.chunks_exact_mut(n * n).enumerate() {
+            let col = head * dh;
+            // SAFETY: q, k and v rows `0..n` lie in `qkv` (`3D` apart, `Dh` columns from
+            // `part·D + col`); `p` holds `n × n`; the context rows `0..n` lie in `out` (`D`
+            // apart, columns `col..col + Dh`).
+            unsafe {
+                // S = scale·q·kᵀ (kᵀ: row stride 1, column stride 3D)
+                product(p.as_mut_ptr(), n, qkv[col..].as_ptr(), d3, 1, qkv[d + col..].as_ptr(), 1, d3, [n, n, dh], scale);
+                softmax_rows(p, n);
+                // O = P·v
+                product(out[col..].as_mut_ptr(), d, p.as_ptr(), n, 1, qkv[2 * d + col..].as_ptr(), d3, 1, [n, dh, n], 1.0);
+            }
+        }
+        return;
+    }
     for (head, p) in probs.chunks_exact_mut(n * n).enumerate() {
         let at = |i: usize, part: usize| i * 3 * d + part * d + head * dh;
         for i in 0..n {
@@ -307,6 +375,32 @@ with_avx2!(
     let dh = d / heads;
     let scale = (dh as f32).powf(-0.5);
     let mut ds = vec![0.0f32; n * n];
+    if n > SHORT {
+        let d3 = 3 * d;
+        for (head, p) in probs.chunks_exact(n * n).enumerate() {
+            let col = head * dh;
+            let (q, k, v) = (qkv[col..].as_ptr(), qkv[d + col..].as_ptr(), qkv[2 * d + col..].as_ptr());
+            // SAFETY: as in `sequence_forward`; `dout` rows `0..n` are `D` apart and `dqkv`'s
+            // `3D` apart like `qkv`'s; `ds` and `p` hold `n × n`.
+            unsafe {
+                // dP = dO·vᵀ
+                product(ds.as_mut_ptr(), n, dout[col..].as_ptr(), d, 1, v, 1, d3, [n, n, dh], 1.0);
+            }
+            for (row, p) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+                let weighted = dot(p, row);
+                for (ds, &p) in row.iter_mut().zip(p) {
+                    *ds = p * (*ds - weighted) * scale;
+                }
+            }
+            unsafe {
+                // dV = Pᵀ·dO, dQ = dS·k, dK = dSᵀ·q (dS holds the scale)
+                product(dqkv[2 * d + col..].as_mut_ptr(), d3, p.as_ptr(), 1, n, dout[col..].as_ptr(), d, 1, [n, dh, n], 1.0);
+                product(dqkv[col..].as_mut_ptr(), d3, ds.as_ptr(), n, 1, k, d3, 1, [n, dh, n], 1.0);
+                product(dqkv[d + col..].as_mut_ptr(), d3, ds.as_ptr(), 1, n, q, d3, 1, [n, dh, n], 1.0);
+            }
+        }
+        return;
+    }
     for (head, p) in probs.chunks_exact(n * n).enumerate() {
         let at = |i: usize, part: usize| i * 3 * d + part * d + head * dh;
         let grad_out = |i: usize| &dout[i * d + head * dh..][..dh];
@@ -396,7 +490,8 @@ mod tests {
         use burn::tensor::{Device, Distribution};
         let device = Device::flex().autodiff();
         // Head widths below, at and beyond the eight lanes of the dot products.
-        for (b, n, heads, dh) in [(3, 7, 4, 5), (2, 17, 2, 20), (1, 1, 1, 8)] {
+        // Sequences short enough for the loops, and longer ones through `gemm`.
+        for (b, n, heads, dh) in [(3, 7, 4, 5), (2, 17, 2, 20), (1, 1, 1, 8), (2, 40, 2, 16), (1, 65, 4, 5)] {
             let d = heads * dh;
             let qkv = Tensor::<3>::random([b, n, 3 * d], Distribution::Normal(0.0, 1.0), &device).require_grad();
             let weights = Tensor::<3>::random([b, n, d], Distribution::Normal(0.0, 1.0), &device);
