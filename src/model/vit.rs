@@ -99,6 +99,13 @@ impl Attention {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         let dh = d / h;
+        if extra.is_none() && !return_probs && bias.is_none() && self.trains_on(&x) && cpu::attention_with_grad_applies(&x) {
+            // With gradients on the CPU backend: explora's operations for the projection with
+            // LoRA's updates and for the attention.
+            let context =
+                cpu::attention_with_grad(self.projection(x), h, None).expect("the CPU backend's attention applies to its own projection");
+            return (self.project_out(context), None);
+        }
         let kv_input = match extra {
             Some(extra) => Tensor::cat(vec![x.clone(), extra], 1),
             None => x.clone(),
@@ -116,19 +123,6 @@ impl Attention {
                 return (self.project_out(context), None);
             }
         }
-        let (qkv, deltas) = if !return_probs && bias.is_none() && nk == n && cpu::attention_with_grad_applies(&qkv) {
-            // With gradients on the CPU backend: explora's attention operation on the
-            // projection with LoRA's deltas added, as one `[B, N, 3D]` tensor.
-            let qkv = with_deltas(qkv, deltas);
-            match cpu::attention_with_grad(qkv.clone(), h, None) {
-                Some(context) => {
-                    return (self.project_out(context), None);
-                }
-                None => (qkv, [None, None, None]),
-            }
-        } else {
-            (qkv, deltas)
-        };
         let plus = |t: Tensor<3>, delta: Option<Tensor<3>>| match delta {
             Some(delta) => t + delta,
             None => t,
@@ -158,12 +152,35 @@ impl Attention {
     /// The attention of sequences packed in `x` `[1, T, D]`, runs of `lengths` tokens, on the
     /// CPU backend (where [`cpu::attention_with_grad_applies`]).
     fn forward_packed(&self, x: Tensor<3>, lengths: &Arc<[usize]>) -> Tensor<3> {
-        let qkv = cpu::linear(&self.qkv, x.clone());
-        let delta = |lora: &Option<Lora>| lora.as_ref().map(|l| l.delta(x.clone()));
-        let qkv = with_deltas(qkv, [delta(&self.lora_q), delta(&self.lora_k), delta(&self.lora_v)]);
-        let context = cpu::attention_with_grad(qkv, self.num_heads, Some(lengths.clone()))
+        let context = cpu::attention_with_grad(self.projection(x), self.num_heads, Some(lengths.clone()))
             .expect("packed attention runs only where the CPU backend's operation applies");
         self.project_out(context)
+    }
+
+    /// Whether a pass on `x` needs gradients here: `x` needs them or an adapter trains.
+    fn trains_on(&self, x: &Tensor<3>) -> bool {
+        let trains = |lora: &Option<Lora>| lora.as_ref().is_some_and(|l| l.a.val().is_require_grad() || l.b.val().is_require_grad());
+        x.is_tracked() || [&self.lora_q, &self.lora_k, &self.lora_v, &self.lora_proj].into_iter().any(trains)
+    }
+
+    /// The fused projection `[.., 3D]` of `x` with LoRA's updates added to q, k and v: on the
+    /// CPU backend with gradients one operation of explora's, elsewhere burn's linear layers.
+    fn projection(&self, x: Tensor<3>) -> Tensor<3> {
+        let d = x.dims()[2];
+        let adapters: Vec<(usize, &Lora)> = [(0, &self.lora_q), (d, &self.lora_k), (2 * d, &self.lora_v)]
+            .into_iter()
+            .filter_map(|(at, l)| Some((at, l.as_ref()?)))
+            .collect();
+        let weight = self.qkv.weight.val();
+        let bias = self.qkv.bias.as_ref().map(|b| b.val());
+        if !adapters.is_empty()
+            && let Some(qkv) = cpu::frozen_linear_with_lora(&x, &weight, bias.as_ref(), &adapters)
+        {
+            return qkv;
+        }
+        let qkv = cpu::linear(&self.qkv, x.clone());
+        let delta = |lora: &Option<Lora>| lora.as_ref().map(|l| l.delta(x.clone()));
+        with_deltas(qkv, [delta(&self.lora_q), delta(&self.lora_k), delta(&self.lora_v)])
     }
 
     /// The output projection of the attention's context, with its LoRA update.

@@ -349,8 +349,10 @@ with_avx2!(gelu_slopes(x: &[f32], values: &mut [f32], slopes: &mut [f32]) {
 });
 
 mod attention;
+mod lora;
 mod norm;
 pub use attention::{attention_applies, attention_with_grad, attention_with_grad_applies, fused_attention};
+pub use lora::frozen_linear_with_lora;
 pub use norm::layer_norm;
 
 /// `(gelu(x), gelu'(x))` = `(x·Φ(x), Φ(x) + x·φ(x))`. Branch-free so that the loops above
@@ -460,11 +462,13 @@ mod tests {
     }
 
     #[test]
-    fn the_passes_without_gradients_match_burns_path_on_an_explora_backbone() {
+    fn the_passes_without_gradients_match_the_passes_with_gradients_on_an_explora_backbone() {
         // The teacher's setting: ExPLoRA plan (LoRA on Q and V, one unfrozen block), frozen
         // weights in the output-major layout, then the module without autodiff. Its forward runs
-        // explora's CPU linear and fused attention; with a tracked input the same module runs
-        // burn's attention and linear layers (and the frozen ones' own op).
+        // explora's CPU linear and fused attention; with a tracked input the same module runs the
+        // autodiff operations (projection with LoRA, attention, norms, GELU, frozen linear
+        // layers) and burn's linear layers for the unfrozen block. Each operation is checked
+        // against burn's own in its unit test; the WGSL tests compare whole passes with burn's.
         use crate::model::{ForwardOptions, VitConfig, params::map_params};
         use crate::peft::{AdaptationPlan, Preset, apply_plan};
         use burn::module::Module;
@@ -481,7 +485,7 @@ mod tests {
         let model = backward_friendly_layout(model);
         let images = Tensor::<4>::random([3, 3, 64, 64], Distribution::Normal(0.0, 1.0), &device);
         let reference = model.forward(images.clone().require_grad(), ForwardOptions::default());
-        assert!(reference.cls.is_tracked(), "the reference takes burn's path");
+        assert!(reference.cls.is_tracked(), "the reference takes the path with gradients");
         let ours = model.valid().forward(images.inner(), ForwardOptions::default());
         let gap = |a: Tensor<3>, b: Tensor<3>| (a.inner() - b.inner()).abs().max().into_scalar::<f32>();
         let patches = gap(reference.patches, ours.patches);
