@@ -12,10 +12,10 @@
 use std::sync::Arc;
 
 use burn::tensor::{DType, Tensor, TensorData};
-use gemm::{Parallelism, gemm};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::exp_nonpositive;
+use super::{exp_nonpositive, product};
 use crate::device::is_native_cpu;
 
 /// Whether [`fused_attention`] applies to these tensors: all f32 on the CPU backend, none
@@ -67,51 +67,9 @@ pub fn fused_attention(qkv: Tensor<3>, deltas: [Option<Tensor<3>>; 3], n: usize,
             // `0..n`, `d` apart, columns `col..col + dh`; `scores` holds `n × nk`.
             // `scores = 0·scores + scale·(q kᵀ)`, then `out = 0·out + 1·(p v)`.
             unsafe {
-                gemm(
-                    n,
-                    nk,
-                    dh,
-                    scores.as_mut_ptr(),
-                    1,
-                    nk as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    d3 as isize,
-                    k.as_ptr(),
-                    d3 as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-            softmax_rows(&mut scores, nk);
-            unsafe {
-                gemm(
-                    n,
-                    dh,
-                    nk,
-                    out[col..].as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    nk as isize,
-                    v.as_ptr(),
-                    1,
-                    d3 as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                product(scores.as_mut_ptr(), nk, false, q.as_ptr(), d3, 1, k.as_ptr(), 1, d3, [n, nk, dh], scale, Parallelism::None);
+                softmax_rows(&mut scores, nk);
+                product(out[col..].as_mut_ptr(), d, false, scores.as_ptr(), nk, 1, v.as_ptr(), d3, 1, [n, dh, nk], 1.0, Parallelism::None);
             }
         }
     });
@@ -255,52 +213,6 @@ fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], lengths: &[usize], d: usiz
 /// kernel wins beyond).
 const SHORT: usize = 32;
 
-/// `dst ← scale·(lhs·rhs)`, `[m, n] = [m, k]·[k, n]`, single-threaded, every operand given by
-/// its (row, column) strides; `dst`'s rows are `dst_rs` apart and its columns contiguous.
-///
-/// # Safety
-/// Every element the strides reach must lie inside its allocation, and `dst` must not overlap
-/// the operands.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn product(
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-    [m, n, k]: [usize; 3],
-    scale: f32,
-) {
-    // SAFETY: the caller's.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-}
-
 /// `Σ a·b` over eight lanes, so that the loop vectorises.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -340,10 +252,10 @@ with_avx2!(
             // apart, columns `col..col + Dh`).
             unsafe {
                 // S = scale·q·kᵀ (kᵀ: row stride 1, column stride 3D)
-                product(p.as_mut_ptr(), n, qkv[col..].as_ptr(), d3, 1, qkv[d + col..].as_ptr(), 1, d3, [n, n, dh], scale);
+                product(p.as_mut_ptr(), n, false, qkv[col..].as_ptr(), d3, 1, qkv[d + col..].as_ptr(), 1, d3, [n, n, dh], scale, Parallelism::None);
                 softmax_rows(p, n);
                 // O = P·v
-                product(out[col..].as_mut_ptr(), d, p.as_ptr(), n, 1, qkv[2 * d + col..].as_ptr(), d3, 1, [n, dh, n], 1.0);
+                product(out[col..].as_mut_ptr(), d, false, p.as_ptr(), n, 1, qkv[2 * d + col..].as_ptr(), d3, 1, [n, dh, n], 1.0, Parallelism::None);
             }
         }
         return;
@@ -384,7 +296,7 @@ with_avx2!(
             // `3D` apart like `qkv`'s; `ds` and `p` hold `n × n`.
             unsafe {
                 // dP = dO·vᵀ
-                product(ds.as_mut_ptr(), n, dout[col..].as_ptr(), d, 1, v, 1, d3, [n, n, dh], 1.0);
+                product(ds.as_mut_ptr(), n, false, dout[col..].as_ptr(), d, 1, v, 1, d3, [n, n, dh], 1.0, Parallelism::None);
             }
             for (row, p) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
                 let weighted = dot(p, row);
@@ -394,9 +306,9 @@ with_avx2!(
             }
             unsafe {
                 // dV = Pᵀ·dO, dQ = dS·k, dK = dSᵀ·q (dS holds the scale)
-                product(dqkv[2 * d + col..].as_mut_ptr(), d3, p.as_ptr(), 1, n, dout[col..].as_ptr(), d, 1, [n, dh, n], 1.0);
-                product(dqkv[col..].as_mut_ptr(), d3, ds.as_ptr(), n, 1, k, d3, 1, [n, dh, n], 1.0);
-                product(dqkv[d + col..].as_mut_ptr(), d3, ds.as_ptr(), 1, n, q, d3, 1, [n, dh, n], 1.0);
+                product(dqkv[2 * d + col..].as_mut_ptr(), d3, false, p.as_ptr(), 1, n, dout[col..].as_ptr(), d, 1, [n, dh, n], 1.0, Parallelism::None);
+                product(dqkv[col..].as_mut_ptr(), d3, false, ds.as_ptr(), n, 1, k, d3, 1, [n, dh, n], 1.0, Parallelism::None);
+                product(dqkv[d + col..].as_mut_ptr(), d3, false, ds.as_ptr(), 1, n, q, d3, 1, [n, dh, n], 1.0, Parallelism::None);
             }
         }
         return;

@@ -9,9 +9,8 @@
 //! input's gradient and both factors' from one read of the output's gradient.
 
 use burn::tensor::{DType, Tensor};
-use gemm::{Parallelism, gemm};
 
-use super::{flex_affine, flex_tensor};
+use super::{flex_affine, flex_tensor, product, threads};
 use crate::device::is_native_cpu;
 use crate::model::lora::Lora;
 
@@ -100,7 +99,9 @@ fn with_grad<const D: usize, const N: usize>(
         let dst = out.storage_mut::<f32>();
         // SAFETY: `h` is `[m, r]` and `B` `[r, d]`, both contiguous; the destination is the
         // output's columns `offset..offset + d` (checked to fit), rows `n` apart.
-        unsafe { product(dst[offset..].as_mut_ptr(), n, true, hs.as_ptr(), r, 1, bs.as_ptr(), d, 1, [m, d, r], scale) };
+        unsafe {
+            product(dst[offset..].as_mut_ptr(), n, true, hs.as_ptr(), r, 1, bs.as_ptr(), d, 1, [m, d, r], scale, threads(&[m, d, r]))
+        };
         nodes.push(a.node());
         nodes.push(b.node());
         saved.push(SavedAdapter { offset, scale, a: a_values, b: b_values, h });
@@ -142,7 +143,20 @@ impl<const N: usize> burn_autodiff::ops::Backward<burn_flex::Flex, N> for LoraBa
                 // SAFETY: dY `[m, n]` read at columns `offset..offset + d`; Bᵀ `[d, r]` is
                 // B `[r, d]` with swapped strides; `g` holds `[m, r]`.
                 unsafe {
-                    product(g.as_mut_ptr(), r, false, dy[ad.offset..].as_ptr(), n, 1, ad.b.storage::<f32>().as_ptr(), 1, d, [m, r, d], 1.0)
+                    product(
+                        g.as_mut_ptr(),
+                        r,
+                        false,
+                        dy[ad.offset..].as_ptr(),
+                        n,
+                        1,
+                        ad.b.storage::<f32>().as_ptr(),
+                        1,
+                        d,
+                        [m, r, d],
+                        1.0,
+                        threads(&[m, r, d]),
+                    )
                 };
                 g
             })
@@ -153,7 +167,22 @@ impl<const N: usize> burn_autodiff::ops::Backward<burn_flex::Flex, N> for LoraBa
             for (ad, g) in saved.adapters.iter().zip(&through_b) {
                 let r = ad.b.layout().shape().dims::<2>()[0];
                 // SAFETY: `g` `[m, r]`; Aᵀ `[r, k]` is A `[k, r]` with swapped strides; dx `[m, k]`.
-                unsafe { product(dst.as_mut_ptr(), k, true, g.as_ptr(), r, 1, ad.a.storage::<f32>().as_ptr(), 1, r, [m, k, r], ad.scale) };
+                unsafe {
+                    product(
+                        dst.as_mut_ptr(),
+                        k,
+                        true,
+                        g.as_ptr(),
+                        r,
+                        1,
+                        ad.a.storage::<f32>().as_ptr(),
+                        1,
+                        r,
+                        [m, k, r],
+                        ad.scale,
+                        threads(&[m, k, r]),
+                    )
+                };
             }
             grads.register::<Flex>(node.id, dx);
         }
@@ -162,7 +191,9 @@ impl<const N: usize> burn_autodiff::ops::Backward<burn_flex::Flex, N> for LoraBa
             if let Some(node) = &ops.parents[1 + 2 * i] {
                 let mut da = vec![0.0f32; k * r];
                 // SAFETY: xᵀ `[k, m]` is x `[m, k]` with swapped strides; `g` `[m, r]`.
-                unsafe { product(da.as_mut_ptr(), r, false, xs.as_ptr(), 1, k, g.as_ptr(), r, 1, [k, r, m], ad.scale) };
+                unsafe {
+                    product(da.as_mut_ptr(), r, false, xs.as_ptr(), 1, k, g.as_ptr(), r, 1, [k, r, m], ad.scale, threads(&[k, r, m]))
+                };
                 grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(da, [k, r])));
             }
             if let Some(node) = &ops.parents[2 + 2 * i] {
@@ -182,59 +213,12 @@ impl<const N: usize> burn_autodiff::ops::Backward<burn_flex::Flex, N> for LoraBa
                         1,
                         [r, d, m],
                         ad.scale,
+                        threads(&[r, d, m]),
                     )
                 };
                 grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(db, [r, d])));
             }
         }
-    }
-}
-
-/// `dst ← [dst +] scale·(lhs·rhs)`, `[m, n] = [m, k]·[k, n]`, every operand given by its (row,
-/// column) strides; `dst`'s rows are `dst_rs` apart and its columns contiguous. Parallel when
-/// the product is large.
-///
-/// # Safety
-/// Every element the strides reach must lie inside its allocation, and `dst` must not overlap
-/// the operands.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-    [m, n, k]: [usize; 3],
-    scale: f32,
-) {
-    let parallelism = if m * n * k >= 1 << 20 { Parallelism::Rayon(0) } else { Parallelism::None };
-    // SAFETY: the caller's.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            scale,
-            false,
-            false,
-            false,
-            parallelism,
-        );
     }
 }
 

@@ -197,6 +197,10 @@ fn flex_affine(
     let (w_rs, w_cs) = (w_layout.strides()[0], w_layout.strides()[1]);
     // The product's operand `[k, n]` with its strides (row, column).
     let (k, n, rhs_rs, rhs_cs) = if transposed { (cols, rows, w_cs, w_rs) } else { (rows, cols, w_rs, w_cs) };
+    // (A flipped view has a negative stride: burn's path takes it.)
+    let (Ok(rhs_rs), Ok(rhs_cs)) = (usize::try_from(rhs_rs), usize::try_from(rhs_cs)) else {
+        return None;
+    };
     let bias_fits = bias.is_none_or(|b| b.layout().is_contiguous() && b.layout().num_elements() == n);
     if rank < 2 || dims[rank - 1] != k || k == 0 || !bias_fits {
         return None;
@@ -212,26 +216,57 @@ fn flex_affine(
     }
     let xs = &x.storage::<f32>()[x_layout.start_offset()..][..m * k];
     let ws = w.storage::<f32>();
-    let parallelism = if m * n * k >= 1 << 20 { Parallelism::Rayon(0) } else { Parallelism::None };
     // SAFETY: `xs` holds `m × k` values row-major; the operand `k × n` lies inside `ws` from
     // the weight's start offset with strides `(rhs_rs, rhs_cs)`; `out` holds `m × n` row-major.
-    // `out = 1·out + scale·(x W)`: the bias rows (or nothing) plus the product.
+    // `out = [out +] scale·(x W)`: the bias rows (or nothing) plus the product.
+    unsafe {
+        let w = ws.as_ptr().add(w_layout.start_offset());
+        product(out.as_mut_ptr(), n, bias.is_some(), xs.as_ptr(), k, 1, w, rhs_rs, rhs_cs, [m, n, k], scale, threads(&[m, n, k]));
+    }
+    let mut out_dims = dims.clone();
+    out_dims[rank - 1] = n;
+    Some(burn_flex::FlexTensor::from_data(TensorData::new(out, out_dims)))
+}
+
+/// `dst ← [dst +] scale·(lhs·rhs)`, `[m, n] = [m, k]·[k, n]`, every operand given by its (row,
+/// column) strides; `dst`'s rows are `dst_rs` apart and its columns contiguous.
+///
+/// # Safety
+/// Every element the strides reach must lie inside its allocation, and `dst` must not overlap
+/// the operands.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn product(
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    [m, n, k]: [usize; 3],
+    scale: f32,
+    parallelism: Parallelism,
+) {
+    // SAFETY: the caller's.
     unsafe {
         gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
-            bias.is_some(),
-            xs.as_ptr(),
-            1,
-            k as isize,
-            ws.as_ptr().add(w_layout.start_offset()),
-            rhs_cs,
-            rhs_rs,
-            1.0,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
             scale,
             false,
             false,
@@ -239,9 +274,12 @@ fn flex_affine(
             parallelism,
         );
     }
-    let mut out_dims = dims.clone();
-    out_dims[rank - 1] = n;
-    Some(burn_flex::FlexTensor::from_data(TensorData::new(out, out_dims)))
+}
+
+/// rayon's threads for a product of these `[m, n, k]` sizes, none below a million
+/// multiply-adds.
+fn threads(&[m, n, k]: &[usize; 3]) -> Parallelism {
+    if m * n * k >= 1 << 20 { Parallelism::Rayon(0) } else { Parallelism::None }
 }
 
 /// `scale·(x·W) + b` on the CPU backend for f32 tensors that need no gradients, `x` `[.., k]`
