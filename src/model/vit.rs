@@ -157,10 +157,12 @@ impl Attention {
         self.project_out(context)
     }
 
-    /// Whether a pass on `x` needs gradients here: `x` needs them or an adapter trains.
+    /// Whether the projection of `x` (q, k, v) needs gradients: `x` needs them, or the `qkv`
+    /// layer or an adapter on q, k or v trains.
     fn trains_on(&self, x: &Tensor<3>) -> bool {
         let trains = |lora: &Option<Lora>| lora.as_ref().is_some_and(|l| l.a.val().is_require_grad() || l.b.val().is_require_grad());
-        x.is_tracked() || [&self.lora_q, &self.lora_k, &self.lora_v, &self.lora_proj].into_iter().any(trains)
+        let qkv_trains = self.qkv.weight.val().is_require_grad() || self.qkv.bias.as_ref().is_some_and(|b| b.val().is_require_grad());
+        x.is_tracked() || qkv_trains || [&self.lora_q, &self.lora_k, &self.lora_v].into_iter().any(trains)
     }
 
     /// The fused projection `[.., 3D]` of `x` with LoRA's updates added to q, k and v: on the

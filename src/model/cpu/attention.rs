@@ -106,7 +106,8 @@ pub fn attention_with_grad(qkv: Tensor<3>, heads: usize, lengths: Option<Arc<[us
         return None;
     }
     let input = qkv.try_into_primitive::<Autodiff<Flex, NoCheckpointing>>().ok()?;
-    let values = contiguous_f32(input.primitive());
+    // (burn-flex copies only where the values are not already contiguous from the start.)
+    let values = input.primitive().to_contiguous();
     let (out, probs) = forward_with_probs(values.storage::<f32>(), &lengths, d, heads);
     let output = FlexTensor::from_data(TensorData::new(out, [b, n, d]));
 
@@ -132,7 +133,7 @@ pub fn attention_with_grad(qkv: Tensor<3>, heads: usize, lengths: Option<Arc<[us
             let grad = grads.consume::<Flex>(&ops.node);
             let [Some(parent)] = ops.parents else { return };
             let saved = ops.state;
-            let grad = contiguous_f32(&grad);
+            let grad = grad.to_contiguous();
             let shape = saved.qkv.layout().shape().clone();
             let d = shape[shape.num_dims() - 1] / 3;
             let dqkv = backward(saved.qkv.storage::<f32>(), &saved.probs, grad.storage::<f32>(), &saved.lengths, d, saved.heads);
@@ -147,21 +148,22 @@ pub fn attention_with_grad(qkv: Tensor<3>, heads: usize, lengths: Option<Arc<[us
     Some(Tensor::from_primitive::<Autodiff<Flex, NoCheckpointing>>(result))
 }
 
-/// `t` with its values contiguous from the start of its buffer (a copy only where needed).
-fn contiguous_f32(t: &burn_flex::FlexTensor) -> burn_flex::FlexTensor {
-    let layout = t.layout();
-    if layout.is_contiguous() && layout.start_offset() == 0 && t.storage::<f32>().len() == layout.num_elements() {
-        t.clone()
-    } else {
-        t.to_contiguous()
-    }
-}
-
 /// `buffer` cut into consecutive pieces of the given sizes.
 fn pieces(mut buffer: &mut [f32], sizes: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
     sizes
         .map(|size| {
             let (piece, rest) = std::mem::take(&mut buffer).split_at_mut(size);
+            buffer = rest;
+            piece
+        })
+        .collect()
+}
+
+/// [`pieces`] of a buffer that is only read.
+fn read_pieces(mut buffer: &[f32], sizes: impl Iterator<Item = usize>) -> Vec<&[f32]> {
+    sizes
+        .map(|size| {
+            let (piece, rest) = buffer.split_at(size);
             buffer = rest;
             piece
         })
@@ -174,15 +176,7 @@ fn forward_with_probs(qkv: &[f32], lengths: &[usize], d: usize, heads: usize) ->
     let rows: usize = lengths.iter().sum();
     let mut out = vec![0.0f32; rows * d];
     let mut probs = vec![0.0f32; heads * lengths.iter().map(|n| n * n).sum::<usize>()];
-    let mut offset = 0;
-    let inputs: Vec<&[f32]> = lengths
-        .iter()
-        .map(|&n| {
-            let piece = &qkv[offset..offset + n * 3 * d];
-            offset += n * 3 * d;
-            piece
-        })
-        .collect();
+    let inputs = read_pieces(qkv, lengths.iter().map(|n| n * 3 * d));
     let outs = pieces(&mut out, lengths.iter().map(|n| n * d));
     let ps = pieces(&mut probs, lengths.iter().map(|n| heads * n * n));
     outs.into_par_iter().zip(ps).zip(inputs).for_each(|((out, p), x)| sequence_forward(x, out, p, d, heads));
@@ -193,18 +187,11 @@ fn forward_with_probs(qkv: &[f32], lengths: &[usize], d: usize, heads: usize) ->
 fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], lengths: &[usize], d: usize, heads: usize) -> Vec<f32> {
     let rows: usize = lengths.iter().sum();
     let mut dqkv = vec![0.0f32; rows * 3 * d];
-    let (mut row, mut p_offset) = (0, 0);
-    let reads: Vec<(&[f32], &[f32], &[f32])> = lengths
-        .iter()
-        .map(|&n| {
-            let read = (&qkv[row * 3 * d..][..n * 3 * d], &probs[p_offset..][..heads * n * n], &dout[row * d..][..n * d]);
-            row += n;
-            p_offset += heads * n * n;
-            read
-        })
-        .collect();
+    let inputs = read_pieces(qkv, lengths.iter().map(|n| n * 3 * d));
+    let ps = read_pieces(probs, lengths.iter().map(|n| heads * n * n));
+    let douts = read_pieces(dout, lengths.iter().map(|n| n * d));
     let grads = pieces(&mut dqkv, lengths.iter().map(|n| n * 3 * d));
-    grads.into_par_iter().zip(reads).for_each(|(g, (x, p, dout))| sequence_backward(x, p, dout, g, d, heads));
+    grads.into_par_iter().zip(inputs).zip(ps).zip(douts).for_each(|(((g, x), p), dout)| sequence_backward(x, p, dout, g, d, heads));
     dqkv
 }
 
@@ -241,38 +228,36 @@ with_avx2!(
     /// head's probabilities (`probs`, `heads × n × n`).
     sequence_forward(qkv: &[f32], out: &mut [f32], probs: &mut [f32], d: usize, heads: usize) {
     let n = out.len() / d;
-    let dh = d / heads;
+    let (dh, d3) = (d / heads, 3 * d);
     let scale = (dh as f32).powf(-0.5);
-    if n > SHORT {
-        let d3 = 3 * d;
-        for (head, p) in probs.chunks_exact_mut(n * n).enumerate() {
-            let col = head * dh;
-            // SAFETY: q, k and v rows `0..n` lie in `qkv` (`3D` apart, `Dh` columns from
-            // `part·D + col`); `p` holds `n × n`; the context rows `0..n` lie in `out` (`D`
-            // apart, columns `col..col + Dh`).
-            unsafe {
-                // S = scale·q·kᵀ (kᵀ: row stride 1, column stride 3D)
-                product(p.as_mut_ptr(), n, false, qkv[col..].as_ptr(), d3, 1, qkv[d + col..].as_ptr(), 1, d3, [n, n, dh], scale, Parallelism::None);
-                softmax_rows(p, n);
-                // O = P·v
-                product(out[col..].as_mut_ptr(), d, false, p.as_ptr(), n, 1, qkv[2 * d + col..].as_ptr(), d3, 1, [n, dh, n], 1.0, Parallelism::None);
-            }
-        }
-        return;
-    }
     for (head, p) in probs.chunks_exact_mut(n * n).enumerate() {
-        let at = |i: usize, part: usize| i * 3 * d + part * d + head * dh;
-        for i in 0..n {
-            let q = &qkv[at(i, 0)..][..dh];
-            for j in 0..n {
-                p[i * n + j] = scale * dot(q, &qkv[at(j, 1)..][..dh]);
+        let col = head * dh;
+        let at = |i: usize, part: usize| i * d3 + part * d + col;
+        // S = scale·q·kᵀ
+        if n > SHORT {
+            // SAFETY: q and k rows `0..n` lie in `qkv` (`3D` apart, `Dh` columns from
+            // `part·D + col`; kᵀ: row stride 1, column stride 3D); `p` holds `n × n`.
+            unsafe { product(p.as_mut_ptr(), n, false, qkv[col..].as_ptr(), d3, 1, qkv[d + col..].as_ptr(), 1, d3, [n, n, dh], scale, Parallelism::None) };
+        } else {
+            for (i, row) in p.chunks_exact_mut(n).enumerate() {
+                let q = &qkv[at(i, 0)..][..dh];
+                for (j, s) in row.iter_mut().enumerate() {
+                    *s = scale * dot(q, &qkv[at(j, 1)..][..dh]);
+                }
             }
         }
         softmax_rows(p, n);
-        for i in 0..n {
-            let o = &mut out[i * d + head * dh..][..dh];
-            for j in 0..n {
-                axpy(p[i * n + j], &qkv[at(j, 2)..][..dh], o);
+        // O = P·v
+        if n > SHORT {
+            // SAFETY: v rows `0..n` lie in `qkv` as above; the context rows `0..n` lie in `out`
+            // (`D` apart, columns `col..col + Dh`).
+            unsafe { product(out[col..].as_mut_ptr(), d, false, p.as_ptr(), n, 1, qkv[2 * d + col..].as_ptr(), d3, 1, [n, dh, n], 1.0, Parallelism::None) };
+        } else {
+            for (i, row) in p.chunks_exact(n).enumerate() {
+                let o = &mut out[i * d + col..][..dh];
+                for (j, &p) in row.iter().enumerate() {
+                    axpy(p, &qkv[at(j, 2)..][..dh], o);
+                }
             }
         }
     }
@@ -284,53 +269,48 @@ with_avx2!(
     /// `dS = P ⊙ (dO·vᵀ − rowsum(P ⊙ dO·vᵀ))`, `dQ = dS·k/√Dh` and `dK = dSᵀ·q/√Dh`.
     sequence_backward(qkv: &[f32], probs: &[f32], dout: &[f32], dqkv: &mut [f32], d: usize, heads: usize) {
     let n = dout.len() / d;
-    let dh = d / heads;
+    let (dh, d3) = (d / heads, 3 * d);
     let scale = (dh as f32).powf(-0.5);
     let mut ds = vec![0.0f32; n * n];
-    if n > SHORT {
-        let d3 = 3 * d;
-        for (head, p) in probs.chunks_exact(n * n).enumerate() {
-            let col = head * dh;
-            let (q, k, v) = (qkv[col..].as_ptr(), qkv[d + col..].as_ptr(), qkv[2 * d + col..].as_ptr());
-            // SAFETY: as in `sequence_forward`; `dout` rows `0..n` are `D` apart and `dqkv`'s
-            // `3D` apart like `qkv`'s; `ds` and `p` hold `n × n`.
-            unsafe {
-                // dP = dO·vᵀ
-                product(ds.as_mut_ptr(), n, false, dout[col..].as_ptr(), d, 1, v, 1, d3, [n, n, dh], 1.0, Parallelism::None);
-            }
-            for (row, p) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
-                let weighted = dot(p, row);
-                for (ds, &p) in row.iter_mut().zip(p) {
-                    *ds = p * (*ds - weighted) * scale;
+    for (head, p) in probs.chunks_exact(n * n).enumerate() {
+        let col = head * dh;
+        let at = |i: usize, part: usize| i * d3 + part * d + col;
+        let grad_out = |i: usize| &dout[i * d + col..][..dh];
+        // dP = dO·vᵀ
+        if n > SHORT {
+            // SAFETY: `dout` rows `0..n` are `D` apart, v's in `qkv` `3D` apart (`Dh` columns
+            // from `2D + col`); `ds` holds `n × n`.
+            unsafe { product(ds.as_mut_ptr(), n, false, dout[col..].as_ptr(), d, 1, qkv[2 * d + col..].as_ptr(), 1, d3, [n, n, dh], 1.0, Parallelism::None) };
+        } else {
+            for (i, row) in ds.chunks_exact_mut(n).enumerate() {
+                for (j, dp) in row.iter_mut().enumerate() {
+                    *dp = dot(grad_out(i), &qkv[at(j, 2)..][..dh]);
                 }
             }
+        }
+        // dS = P ⊙ (dP − rowsum(P ⊙ dP)), with the scale of S folded in.
+        for (row, p) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+            let weighted = dot(p, row);
+            for (ds, &p) in row.iter_mut().zip(p) {
+                *ds = p * (*ds - weighted) * scale;
+            }
+        }
+        // dV = Pᵀ·dO, dQ = dS·k, dK = dSᵀ·q
+        if n > SHORT {
+            let (q, k) = (qkv[col..].as_ptr(), qkv[d + col..].as_ptr());
+            // SAFETY: as above; `dqkv`'s rows are `3D` apart like `qkv`'s; `p` holds `n × n`.
             unsafe {
-                // dV = Pᵀ·dO, dQ = dS·k, dK = dSᵀ·q (dS holds the scale)
                 product(dqkv[2 * d + col..].as_mut_ptr(), d3, false, p.as_ptr(), 1, n, dout[col..].as_ptr(), d, 1, [n, dh, n], 1.0, Parallelism::None);
                 product(dqkv[col..].as_mut_ptr(), d3, false, ds.as_ptr(), n, 1, k, d3, 1, [n, dh, n], 1.0, Parallelism::None);
                 product(dqkv[d + col..].as_mut_ptr(), d3, false, ds.as_ptr(), 1, n, q, d3, 1, [n, dh, n], 1.0, Parallelism::None);
             }
-        }
-        return;
-    }
-    for (head, p) in probs.chunks_exact(n * n).enumerate() {
-        let at = |i: usize, part: usize| i * 3 * d + part * d + head * dh;
-        let grad_out = |i: usize| &dout[i * d + head * dh..][..dh];
-        for i in 0..n {
-            let row = &mut ds[i * n..][..n];
-            for (j, ds) in row.iter_mut().enumerate() {
-                *ds = dot(grad_out(i), &qkv[at(j, 2)..][..dh]);
-            }
-            let weighted = dot(&p[i * n..][..n], row);
-            for (ds, &p) in row.iter_mut().zip(&p[i * n..][..n]) {
-                *ds = p * (*ds - weighted) * scale;
-            }
-        }
-        for i in 0..n {
-            for j in 0..n {
-                axpy(p[i * n + j], grad_out(i), &mut dqkv[at(j, 2)..][..dh]);
-                axpy(ds[i * n + j], &qkv[at(i, 0)..][..dh], &mut dqkv[at(j, 1)..][..dh]);
-                axpy(ds[i * n + j], &qkv[at(j, 1)..][..dh], &mut dqkv[at(i, 0)..][..dh]);
+        } else {
+            for i in 0..n {
+                for j in 0..n {
+                    axpy(p[i * n + j], grad_out(i), &mut dqkv[at(j, 2)..][..dh]);
+                    axpy(ds[i * n + j], &qkv[at(i, 0)..][..dh], &mut dqkv[at(j, 1)..][..dh]);
+                    axpy(ds[i * n + j], &qkv[at(j, 1)..][..dh], &mut dqkv[at(i, 0)..][..dh]);
+                }
             }
         }
     }
